@@ -1,0 +1,181 @@
+"""Blob: the n-d array pair (data, diff) that flows between layers and holds parameters."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+MAX_AXES = 32  # Caffe's kMaxBlobAxes
+
+
+def _as_shape(dims: Sequence[int] | Iterable[int]) -> tuple[int, ...]:
+    shape = tuple(int(d) for d in dims)
+    if len(shape) > MAX_AXES:
+        raise ValueError(f"a blob has at most {MAX_AXES} axes; got {len(shape)}: {shape}")
+    if any(d < 0 for d in shape):
+        raise ValueError(f"blob dimensions must be non-negative; got {shape}")
+    return shape
+
+
+class Blob:
+    """``data`` and ``diff``: two ndarrays of one shape.
+
+    As in Caffe, the capacity only grows: reshaping to a smaller count keeps the allocation, so
+    views handed out earlier (``net.blobs[name].data``) stay valid across batch-size changes that
+    fit. Layers write into ``data[...]`` / ``diff[...]`` rather than rebinding them.
+    """
+
+    def __init__(self, shape: Sequence[int] = (), dtype: np.dtype | type = np.float32) -> None:
+        self.dtype = np.dtype(dtype)
+        self._data_buf = np.zeros(0, self.dtype)
+        self._diff_buf = np.zeros(0, self.dtype)
+        self.data = self._data_buf.reshape(0)
+        self.diff = self._diff_buf.reshape(0)
+        self.reshape(shape)
+
+    # -- shape -------------------------------------------------------------------------------
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.data.shape
+
+    @property
+    def count(self) -> int:
+        return int(self.data.size)
+
+    @property
+    def num_axes(self) -> int:
+        return self.data.ndim
+
+    def count_axes(self, start: int = 0, end: int | None = None) -> int:
+        """Product of dims ``start <= axis < end`` (Caffe's ``count(start, end)``)."""
+        return int(np.prod(self.shape[start:end], dtype=np.int64))
+
+    def canonical_axis(self, axis: int) -> int:
+        n = self.num_axes
+        if not -n <= axis < max(n, 1):
+            raise ValueError(f"axis {axis} is out of range for a {n}-d blob of shape {self.shape}")
+        return axis % n if n else 0
+
+    def reshape(self, *dims: int | Sequence[int]) -> None:
+        """Reshape to ``dims`` (``blob.reshape(2, 3)`` or ``blob.reshape((2, 3))``)."""
+        if len(dims) == 1 and not isinstance(dims[0], int | np.integer):
+            dims = tuple(dims[0])  # type: ignore[arg-type]
+        shape = _as_shape(dims)  # type: ignore[arg-type]
+        if shape == self.data.shape and self.data.base is self._data_buf:
+            return
+        count = int(np.prod(shape, dtype=np.int64))
+        if count > self._data_buf.size:
+            self._data_buf = np.zeros(count, self.dtype)
+            self._diff_buf = np.zeros(count, self.dtype)
+        self.data = self._data_buf[:count].reshape(shape)
+        self.diff = self._diff_buf[:count].reshape(shape)
+
+    def reshape_like(self, other: Blob) -> None:
+        self.reshape(other.shape)
+
+    # legacy 4-d accessors (pycaffe's num/channels/height/width)
+    @property
+    def num(self) -> int:
+        return self.shape[0] if self.num_axes > 0 else 1
+
+    @property
+    def channels(self) -> int:
+        return self.shape[1] if self.num_axes > 1 else 1
+
+    @property
+    def height(self) -> int:
+        return self.shape[2] if self.num_axes > 2 else 1
+
+    @property
+    def width(self) -> int:
+        return self.shape[3] if self.num_axes > 3 else 1
+
+    # -- sharing -----------------------------------------------------------------------------
+    def share_data(self, other: Blob) -> None:
+        """Make ``data`` a view of ``other.data`` (same count; shape kept)."""
+        self._check_same_count(other)
+        self.data = other.data.reshape(self.shape)
+
+    def share_diff(self, other: Blob) -> None:
+        self._check_same_count(other)
+        self.diff = other.diff.reshape(self.shape)
+
+    def share(self, other: Blob) -> None:
+        """Share both arrays with ``other`` and take its shape (shared parameters)."""
+        self.data = other.data
+        self.diff = other.diff
+        self._data_buf = other._data_buf
+        self._diff_buf = other._diff_buf
+
+    def _check_same_count(self, other: Blob) -> None:
+        if self.count != other.count:
+            raise ValueError(
+                f"cannot share: counts differ ({self.shape} has {self.count}, "
+                f"{other.shape} has {other.count})"
+            )
+
+    # -- protobuf ----------------------------------------------------------------------------
+    def to_proto(self, write_diff: bool = False):  # -> caffe_pb2.BlobProto
+        from engine import caffe_pb2
+
+        proto = caffe_pb2.BlobProto()
+        proto.shape.dim.extend(self.shape)
+        if self.dtype == np.float64:
+            proto.double_data.extend(self.data.ravel().tolist())
+            if write_diff:
+                proto.double_diff.extend(self.diff.ravel().tolist())
+        else:
+            proto.data.extend(self.data.astype(np.float32, copy=False).ravel().tolist())
+            if write_diff:
+                proto.diff.extend(self.diff.astype(np.float32, copy=False).ravel().tolist())
+        return proto
+
+    @classmethod
+    def from_proto(cls, proto, dtype: np.dtype | type = np.float32) -> Blob:
+        blob = cls(blob_proto_shape(proto), dtype)
+        blob.data[...] = blob_proto_array(proto, blob.shape)
+        if len(proto.diff) or len(proto.double_diff):
+            blob.diff[...] = blob_proto_array(proto, blob.shape, diff=True)
+        return blob
+
+    def __repr__(self) -> str:
+        return f"Blob(shape={self.shape}, dtype={self.dtype.name})"
+
+
+def blob_proto_shape(proto) -> tuple[int, ...]:
+    """The shape a BlobProto declares: ``shape.dim`` or the legacy num/channels/height/width."""
+    if proto.HasField("shape"):
+        return _as_shape(proto.shape.dim)
+    legacy = (proto.num, proto.channels, proto.height, proto.width)
+    if any(proto.HasField(f) for f in ("num", "channels", "height", "width")):
+        return legacy
+    return (len(proto.data) or len(proto.double_data),)
+
+
+def legacy_shape_matches(proto, shape: Sequence[int]) -> bool:
+    """Caffe's ``Blob::ShapeEquals``: legacy 4-d dims align to the *end* of ``shape``.
+
+    An old InnerProduct weight is stored as 1x1xMxK and an old bias as 1x1x1xN.
+    """
+    if proto.HasField("shape"):
+        return tuple(proto.shape.dim) == tuple(shape)
+    if len(shape) > 4:
+        return False
+    padded = (1,) * (4 - len(shape)) + tuple(shape)
+    return padded == (proto.num, proto.channels, proto.height, proto.width)
+
+
+def blob_proto_array(proto, shape: Sequence[int], diff: bool = False) -> np.ndarray:
+    """The values of a BlobProto as an array of ``shape`` (float64 if stored as double)."""
+    doubles = proto.double_diff if diff else proto.double_data
+    floats = proto.diff if diff else proto.data
+    values = np.asarray(doubles, np.float64) if len(doubles) else np.asarray(floats, np.float32)
+    expected = int(np.prod(shape, dtype=np.int64))
+    if values.size != expected:
+        kind = "diff" if diff else "data"
+        raise ValueError(
+            f"BlobProto holds {values.size} {kind} values but its shape {tuple(shape)} needs "
+            f"{expected}; the file is truncated or corrupt"
+        )
+    return values.reshape(shape)

@@ -1,0 +1,13 @@
+"""Every built-in layer module; importing this package registers their types."""
+
+from engine.layers import (  # noqa: F401
+    accuracy,
+    convolution,
+    data,
+    inner_product,
+    loss,
+    neuron,
+    pooling,
+    softmax,
+    structural,
+)

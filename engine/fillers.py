@@ -1,7 +1,7 @@
 """Weight fillers, with Caffe's definitions (include/caffe/filler.hpp).
 
 ``fill(shape, filler_param, rng)`` returns a float64 array; the caller casts it. The default
-FillerParameter is ``constant`` 0, so a layer without ``weight_filler`` starts at zeros, as in Caffe.
+FillerParameter is ``constant`` 0: a layer without ``weight_filler`` starts at zeros, as in Caffe.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from engine.layer import TRAIN, Layer, create_layer
 
 
 def layer_param(text: str) -> caffe_pb2.LayerParameter:
-    """A LayerParameter from prototxt text, e.g. ``'type: "ReLU" relu_param { negative_slope: 0.1 }'``."""
+    """A LayerParameter from prototxt text, e.g. ``type: "ReLU" relu_param { }``."""
     param = text_format.Parse(text, caffe_pb2.LayerParameter())
     if not param.name:
         param.name = param.type.lower() or "layer"

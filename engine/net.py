@@ -1,0 +1,456 @@
+"""Net: builds the layer graph from a NetParameter and runs forward and backward over it.
+
+Construction follows Caffe's ``Net::Init``: filter layers by the NetState, insert Split layers,
+wire bottoms and tops (in-place when a top repeats the bottom at the same index), set up each
+layer, attach loss weights, share parameters by ``param { name }``, and work out which layers
+and bottoms need backward. The public surface is pycaffe's (``blobs``, ``params``, ``layers``,
+``forward(**inputs)``, ``backward(**diffs)``, ``copy_from``, ``save``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from os import PathLike
+
+import numpy as np
+
+from engine import caffe_pb2
+from engine.blob import Blob, blob_proto_array, blob_proto_shape, legacy_shape_matches
+from engine.errors import MokaError, NetError
+from engine.graph import filter_net, insert_splits
+from engine.layer import TEST, TRAIN, Layer, create_layer
+
+log = logging.getLogger(__name__)
+
+STRICT, PERMISSIVE = 0, 1  # ParamSpec.DimCheckMode
+
+
+def make_state(net_param, phase: int, level: int = 0, stages: Iterable[str] = ()):
+    """The NetState a net is built with: the file's ``state``, then phase/level/stages."""
+    state = caffe_pb2.NetState()
+    state.CopyFrom(net_param.state)
+    state.phase = phase
+    state.level = level
+    state.stage.extend(s for s in stages if s not in state.stage)
+    return state
+
+
+class Net:
+    """A Caffe net. ``Net(model, phase, weights=None, level=0, stages=())``.
+
+    pycaffe's older ``Net(model, weights, phase)`` form is accepted too. ``model`` is a prototxt
+    path or a NetParameter; ``state`` (a NetState) overrides phase/level/stages when given.
+    """
+
+    def __init__(self, model, *args, weights: str | PathLike | None = None, level: int = 0,
+                 stages: Sequence[str] = (), phase: int | None = None, state=None,
+                 rng: np.random.Generator | None = None, dtype=np.float32) -> None:
+        phase, weights = _phase_and_weights(args, phase, weights)
+        from engine.io import read_net_param  # io imports net-free helpers only
+
+        net_param = read_net_param(model)
+        if state is None:
+            state = make_state(net_param, TRAIN if phase is None else phase, level, stages)
+        self.name = net_param.name
+        self.state = state
+        self.phase = state.phase
+        self.rng = rng if rng is not None else np.random.default_rng()
+        self.dtype = np.dtype(dtype)
+        self.force_backward = net_param.force_backward
+        self._build(insert_splits(filter_net(net_param, state)))
+        if weights is not None:
+            self.copy_from(weights)
+
+    # -- construction --------------------------------------------------------------------------
+    def _build(self, param) -> None:
+        self.layers: list[Layer] = []
+        self.blobs: OrderedDict[str, Blob] = OrderedDict()
+        self.bottom_vecs: list[list[Blob]] = []
+        self.top_vecs: list[list[Blob]] = []
+        self.bottom_names: OrderedDict[str, list[str]] = OrderedDict()
+        self.top_names: OrderedDict[str, list[str]] = OrderedDict()
+        self.bottom_need_backward: list[list[bool]] = []
+        self.layer_need_backward: list[bool] = []
+        self.loss_weights: list[list[float]] = []
+        self.inputs: list[str] = []
+        self._blob_need_backward: dict[str, bool] = {}
+        self._available: dict[str, None] = {}  # produced and not yet consumed, in order
+        self._param_owners: dict[str, tuple[int, int]] = {}
+        self.learnable_params: list[Blob] = []
+        self.params_lr: list[float] = []
+        self.params_weight_decay: list[float] = []
+        self.learnable_param_names: list[str] = []
+        self._layer_params = list(param.layer)
+        for layer_param in param.layer:
+            self._append_layer(layer_param)
+        self.outputs: list[str] = list(self._available)
+        self._sweep_backward()
+        if self.force_backward:
+            self._force_backward()
+        self.blob_loss_weights = OrderedDict((n, 0.0) for n in self.blobs)
+        for names, weights in zip(self.top_names.values(), self.loss_weights, strict=True):
+            for name, w in zip(names, weights, strict=True):
+                if name in self.blob_loss_weights:
+                    self.blob_loss_weights[name] = w
+
+    def _append_layer(self, layer_param) -> None:
+        index = len(self.layers)
+        if not layer_param.HasField("phase"):
+            layer_param.phase = self.phase
+        layer = create_layer(layer_param, self.phase, self.rng, self.dtype)
+        log.info("Creating Layer %s", layer.name)
+        if layer_param.propagate_down and len(layer_param.propagate_down) != len(
+                layer_param.bottom):
+            raise layer.error(f"propagate_down must be given 0 or {len(layer_param.bottom)} "
+                              f"times (once per bottom); got {len(layer_param.propagate_down)}")
+        bottom, need = self._wire_bottoms(layer, layer_param)
+        top, top_names = self._wire_tops(layer, layer_param)
+        self.layers.append(layer)
+        self.bottom_vecs.append(bottom)
+        self.top_vecs.append(top)
+        self.bottom_names[layer.name] = list(layer_param.bottom)
+        self.top_names[layer.name] = top_names
+        self.bottom_need_backward.append(need)
+        if layer.type == "Input":
+            self.inputs.extend(top_names)
+
+        layer.check_blob_counts(bottom, top)
+        try:
+            layer.setup(bottom, top)
+            layer.reshape(bottom, top)
+        except MokaError:
+            raise
+        except (ValueError, IndexError, TypeError) as exc:
+            raise layer.error(f"could not be set up: {exc}") from exc
+        for name, blob in zip(top_names, top, strict=True):
+            log.info("Top shape: %s (%d) [%s]", " ".join(map(str, blob.shape)), blob.count, name)
+        self.loss_weights.append(self._loss_weights(layer, layer_param, top))
+        layer_need = any(self._blob_need_backward.get(n, False) for n in layer_param.bottom)
+        layer_need |= self._append_params(index, layer, layer_param)
+        self.layer_need_backward.append(layer_need)
+        for name in top_names:
+            self._blob_need_backward[name] = layer_need
+
+    def _wire_bottoms(self, layer: Layer, layer_param) -> tuple[list[Blob], list[bool]]:
+        bottom, need = [], []
+        for j, name in enumerate(layer_param.bottom):
+            if name not in self.blobs:
+                raise layer.error(f"unknown bottom blob '{name}' (bottom {j})")
+            log.info("%s <- %s", layer.name, name)
+            bottom.append(self.blobs[name])
+            flag = self._blob_need_backward.get(name, False)
+            if layer_param.propagate_down:
+                flag = layer_param.propagate_down[j]
+            need.append(flag)
+            self._available.pop(name, None)
+        return bottom, need
+
+    def _wire_tops(self, layer: Layer, layer_param) -> tuple[list[Blob], list[str]]:
+        top, names = [], []
+        for j, name in enumerate(layer_param.top):
+            in_place = j < len(layer_param.bottom) and layer_param.bottom[j] == name
+            if in_place:
+                blob = self.blobs[name]
+            elif name in self.blobs:
+                raise layer.error(f"top blob '{name}' is produced by multiple sources")
+            else:
+                blob = Blob((), self.dtype)
+                self.blobs[name] = blob
+            log.info("%s -> %s", layer.name, name)
+            top.append(blob)
+            names.append(name)
+            self._available[name] = None
+        lo = layer.n_top[0]
+        while layer.auto_top and len(top) < lo:
+            top.append(Blob((), self.dtype))  # anonymous: not usable as a bottom
+            names.append("(automatic)")
+        return top, names
+
+    def _loss_weights(self, layer: Layer, layer_param, top: list[Blob]) -> list[float]:
+        given = list(layer_param.loss_weight)
+        if given and len(given) != len(top):
+            raise layer.error(f"loss_weight must be given 0 or {len(top)} times (once per "
+                              f"top); got {len(given)}")
+        weights = given or [layer.default_loss_weight(j) for j in range(len(top))]
+        for w, blob in zip(weights, top, strict=True):
+            if w:
+                log.info("    with loss weight %g", w)
+                blob.diff[...] = w
+        return weights
+
+    def _append_params(self, index: int, layer: Layer, layer_param) -> bool:
+        """Register the layer's blobs as parameters; returns whether any has lr_mult != 0."""
+        specs = list(layer_param.param)
+        if len(specs) > len(layer.blobs):
+            raise layer.error(f"has {len(layer.blobs)} parameter blobs but {len(specs)} "
+                              "`param` entries")
+        any_learning = False
+        layer.param_propagate_down = []
+        for j in range(len(layer.blobs)):
+            spec = specs[j] if j < len(specs) else caffe_pb2.ParamSpec()
+            learns = spec.lr_mult != 0
+            any_learning |= learns
+            layer.param_propagate_down.append(learns)
+            self._append_param(index, layer, j, spec)
+        return any_learning
+
+    def _append_param(self, index: int, layer: Layer, j: int, spec) -> None:
+        blob = layer.blobs[j]
+        if not spec.name or spec.name not in self._param_owners:
+            if spec.name:
+                self._param_owners[spec.name] = (index, j)
+            self.learnable_params.append(blob)
+            self.params_lr.append(spec.lr_mult)
+            self.params_weight_decay.append(spec.decay_mult)
+            self.learnable_param_names.append(spec.name or f"{layer.name}[{j}]")
+            return
+        owner_layer, owner_j = self._param_owners[spec.name]
+        owner = self.layers[owner_layer].blobs[owner_j]
+        if spec.share_mode == PERMISSIVE:
+            if owner.count != blob.count:
+                raise layer.error(f"cannot share parameter '{spec.name}': count "
+                                  f"{blob.count} {blob.shape} differs from the owner's "
+                                  f"{owner.count} {owner.shape} (PERMISSIVE needs equal counts)")
+        elif owner.shape != blob.shape:
+            raise layer.error(f"cannot share parameter '{spec.name}': shape {blob.shape} "
+                              f"differs from the owner's {owner.shape} (STRICT sharing; use "
+                              "share_mode: PERMISSIVE to share equal counts)")
+        blob.data = owner.data.reshape(blob.shape)
+        blob.diff = owner.diff.reshape(blob.shape)
+        learnable = self.learnable_params.index(owner) if owner in self.learnable_params else -1
+        owner_spec = self._layer_params[owner_layer].param[owner_j]
+        for field, values in (("lr_mult", self.params_lr),
+                              ("decay_mult", self.params_weight_decay)):
+            if not spec.HasField(field):
+                continue
+            if owner_spec.HasField(field) and getattr(owner_spec, field) != getattr(spec, field):
+                raise layer.error(f"shared parameter '{spec.name}' has {field} "
+                                  f"{getattr(spec, field)} but its owner has "
+                                  f"{getattr(owner_spec, field)}")
+            if learnable >= 0:
+                values[learnable] = getattr(spec, field)
+
+    def _sweep_backward(self) -> None:
+        """Turn backward off where nothing reaches a loss (Caffe's reverse sweep)."""
+        under_loss: set[str] = set()
+        skip: set[str] = set()
+        for i in reversed(range(len(self.layers))):
+            names = self.top_names[self.layers[i].name]
+            contributes = any(w != 0 or n in under_loss
+                              for n, w in zip(names, self.loss_weights[i], strict=True))
+            skips = all(n in skip for n in names)
+            if self.layer_need_backward[i] and skips:
+                self.layer_need_backward[i] = False
+                self.bottom_need_backward[i] = [False] * len(self.bottom_need_backward[i])
+            if not contributes:
+                self.layer_need_backward[i] = False
+            if not self.layer_need_backward[i]:
+                log.info("%s does not need backward computation.", self.layers[i].name)
+            for j, name in enumerate(self.bottom_names[self.layers[i].name]):
+                if contributes:
+                    under_loss.add(name)
+                else:
+                    self.bottom_need_backward[i][j] = False
+                if not self.bottom_need_backward[i][j]:
+                    skip.add(name)
+
+    def _force_backward(self) -> None:
+        for i, layer in enumerate(self.layers):
+            self.layer_need_backward[i] = True
+            self.bottom_need_backward[i] = [
+                need or layer.allow_force_backward(j)
+                for j, need in enumerate(self.bottom_need_backward[i])]
+            layer.param_propagate_down = [True] * len(layer.blobs)
+
+    # -- running -------------------------------------------------------------------------------
+    def _range(self, start, end) -> tuple[int, int]:
+        names = self._layer_names
+        first = names.index(start) if isinstance(start, str) else (start or 0)
+        last = names.index(end) if isinstance(end, str) else (len(names) - 1 if end is None
+                                                              else end)
+        return first, last
+
+    def forward_from_to(self, start: int = 0, end: int | None = None) -> float:
+        """Run layers ``start..end`` inclusive; returns the weighted loss (ForwardFromTo)."""
+        end = len(self.layers) - 1 if end is None else end
+        loss = 0.0
+        for i in range(start, end + 1):
+            layer, bottom, top = self.layers[i], self.bottom_vecs[i], self.top_vecs[i]
+            layer.reshape(bottom, top)
+            layer.forward(bottom, top)
+            for w, blob in zip(self.loss_weights[i], top, strict=True):
+                if w:
+                    loss += w * float(np.sum(blob.data, dtype=np.float64))
+        return loss
+
+    def backward_from_to(self, start: int | None = None, end: int = 0) -> None:
+        """Backward through layers ``start`` down to ``end`` (Caffe's BackwardFromTo)."""
+        start = len(self.layers) - 1 if start is None else start
+        for i in range(start, end - 1, -1):
+            if self.layer_need_backward[i]:
+                self.layers[i].backward(self.top_vecs[i], self.bottom_need_backward[i],
+                                        self.bottom_vecs[i])
+
+    def _seed_loss_diffs(self) -> None:
+        for weights, top in zip(self.loss_weights, self.top_vecs, strict=True):
+            for w, blob in zip(weights, top, strict=True):
+                if w:
+                    blob.diff[...] = w
+
+    def forward_backward(self) -> float:
+        """One forward and backward pass; returns the loss (Caffe's ForwardBackward)."""
+        loss = self.forward_from_to()
+        self._seed_loss_diffs()
+        self.backward_from_to()
+        return loss
+
+    def forward(self, blobs: Sequence[str] | None = None, start=None, end=None,
+                **inputs: np.ndarray) -> dict[str, np.ndarray]:
+        """pycaffe's forward: set ``inputs``, run, return the outputs (and ``blobs``) by name."""
+        for name, array in inputs.items():
+            if name not in self.inputs:
+                raise NetError(f"'{name}' is not an input of net '{self.name}'; inputs are "
+                               f"{self.inputs}")
+            target = self.blobs[name]
+            array = np.asarray(array)
+            if array.shape[:1] != target.shape[:1]:
+                raise NetError(f"input '{name}' has batch size {array.shape[:1]} but the blob "
+                               f"is {target.shape}; reshape the blob and call net.reshape()")
+            target.data[...] = array
+        first, last = self._range(start, end)
+        self.forward_from_to(first, last)
+        names = list(self.outputs) if end is None else self.top_names[self._layer_names[last]]
+        names += [b for b in (blobs or []) if b not in names]
+        return {n: self.blobs[n].data for n in names}
+
+    def backward(self, diffs: Sequence[str] | None = None, start=None, end=None,
+                 **top_diffs: np.ndarray) -> dict[str, np.ndarray]:
+        """pycaffe's backward: set output diffs, run, return the input diffs by name."""
+        self._seed_loss_diffs()
+        for name, array in top_diffs.items():
+            if name not in self.outputs:
+                raise NetError(f"'{name}' is not an output of net '{self.name}'; outputs are "
+                               f"{self.outputs}")
+            self.blobs[name].diff[...] = array
+        first, last = self._range(end, start)
+        self.backward_from_to(last, first)
+        names = list(self.inputs) + [d for d in (diffs or []) if d not in self.inputs]
+        return {n: self.blobs[n].diff for n in names}
+
+    def reshape(self) -> None:
+        """Propagate shapes after a blob was reshaped (pycaffe's ``net.reshape()``)."""
+        for layer, bottom, top in zip(self.layers, self.bottom_vecs, self.top_vecs,
+                                      strict=True):
+            layer.reshape(bottom, top)
+
+    def clear_param_diffs(self) -> None:
+        for blob in self.learnable_params:
+            blob.diff[...] = 0
+
+    # -- pycaffe views -------------------------------------------------------------------------
+    @property
+    def _layer_names(self) -> list[str]:
+        return [layer.name for layer in self.layers]
+
+    @property
+    def layer_dict(self) -> OrderedDict[str, Layer]:
+        return OrderedDict((layer.name, layer) for layer in self.layers)
+
+    @property
+    def params(self) -> OrderedDict[str, list[Blob]]:
+        return OrderedDict((layer.name, layer.blobs) for layer in self.layers if layer.blobs)
+
+    def set_input_arrays(self, data: np.ndarray, labels: np.ndarray) -> None:
+        """Feed a MemoryData layer (pycaffe's ``set_input_arrays``)."""
+        for layer in self.layers:
+            if layer.type == "MemoryData":
+                layer.reset(data, labels)
+                return
+        raise NetError(f"net '{self.name}' has no MemoryData layer to feed")
+
+    # -- weights -------------------------------------------------------------------------------
+    def copy_from(self, source) -> None:
+        """Copy weights by layer name from a .caffemodel path or a NetParameter."""
+        if not isinstance(source, caffe_pb2.NetParameter):
+            from engine.io import read_net_binary
+
+            source = read_net_binary(source)
+        layers = self.layer_dict
+        for src in source.layer:
+            if src.name not in layers:
+                log.info("Ignoring source layer %s", src.name)
+                continue
+            self._copy_layer(layers[src.name], src)
+
+    def _copy_layer(self, layer: Layer, src) -> None:
+        if not src.blobs:
+            return
+        if len(src.blobs) != len(layer.blobs):
+            raise layer.error(f"incompatible number of blobs: the source has {len(src.blobs)}, "
+                              f"this net's layer has {len(layer.blobs)}")
+        for j, (proto, blob) in enumerate(zip(src.blobs, layer.blobs, strict=True)):
+            if not legacy_shape_matches(proto, blob.shape):
+                raise layer.error(
+                    f"cannot copy param {j} weights: shape mismatch. Source param shape is "
+                    f"{blob_proto_shape(proto)}; target param shape is {blob.shape}. To learn "
+                    "this layer's parameters from scratch rather than copying from a saved net, "
+                    "rename the layer."
+                )
+            blob.data[...] = blob_proto_array(proto, blob.shape)
+
+    def share_with(self, other: Net) -> None:
+        """Share parameter arrays with ``other`` by layer name (test nets with the train net)."""
+        theirs = other.layer_dict
+        for layer in self.layers:
+            source = theirs.get(layer.name)
+            if source is None or not layer.blobs:
+                continue
+            if len(source.blobs) != len(layer.blobs):
+                raise layer.error(f"cannot share weights: {len(source.blobs)} blobs in the "
+                                  f"other net, {len(layer.blobs)} here")
+            for blob, src in zip(layer.blobs, source.blobs, strict=True):
+                if blob.shape != src.shape:
+                    raise layer.error(f"cannot share weights: shape {src.shape} in the other "
+                                      f"net, {blob.shape} here")
+                blob.data = src.data
+                blob.diff = src.diff
+
+    def to_proto(self, write_diff: bool = False):
+        """The net as a NetParameter with every layer's blobs (what a .caffemodel holds)."""
+        proto = caffe_pb2.NetParameter()
+        proto.name = self.name
+        for layer, layer_param in zip(self.layers, self._layer_params, strict=True):
+            out = proto.layer.add()
+            out.CopyFrom(layer_param)
+            del out.blobs[:]
+            for blob in layer.blobs:
+                out.blobs.add().CopyFrom(blob.to_proto(write_diff))
+        return proto
+
+    def save(self, path: str | PathLike, write_diff: bool = False) -> None:
+        """Write the weights as a binary .caffemodel (atomically)."""
+        from engine.io import write_binary
+
+        write_binary(self.to_proto(write_diff), path)
+
+    def __repr__(self) -> str:
+        phase = "TRAIN" if self.phase == TRAIN else "TEST"
+        return f"<Net '{self.name}' {phase}: {len(self.layers)} layers>"
+
+
+def _phase_and_weights(args: tuple, phase, weights):
+    """Accept pycaffe's ``(phase)`` and legacy ``(weights, phase)`` positional forms."""
+    if len(args) > 2:
+        raise TypeError("Net(model, phase) or Net(model, weights, phase)")
+    if len(args) == 1:
+        if isinstance(args[0], int | np.integer):
+            phase = int(args[0])
+        else:
+            weights = args[0]
+    elif len(args) == 2:
+        weights, phase = args
+    if phase is not None and phase not in (TRAIN, TEST):
+        raise NetError(f"phase must be engine.TRAIN (0) or engine.TEST (1); got {phase!r}")
+    return phase, weights

@@ -1,0 +1,383 @@
+"""Reading and writing Caffe's files: prototxt (text), .caffemodel / .solverstate / .binaryproto
+(binary protobuf) and the HDF5 model variant.
+
+Reads fail with :class:`~engine.errors.ParseError` naming the file, and for text the
+``file:line:col`` of the fault with close matches for a misspelt field or enum value. Nets and
+solvers are upgraded from legacy formats on read (:mod:`engine.upgrade`). Writes are atomic: the
+new content goes to a temporary file beside the target, is synced, then renamed over it, so a
+failed write never destroys the previous file.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+from google.protobuf import text_format
+from google.protobuf.message import DecodeError, Message
+
+from engine import caffe_pb2
+from engine.blob import blob_proto_shape
+from engine.errors import MokaError, ParseError
+from engine.upgrade import net_needs_upgrade, upgrade_net, upgrade_snapshot_prefix, upgrade_solver
+
+M = TypeVar("M", bound=Message)
+PathLike = str | os.PathLike
+
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+# V1/V0 spellings that users carry into current-format layers, with what to write instead.
+_LEGACY_LAYER_FIELDS = {
+    "blobs_lr": "param { lr_mult: ... } (one param block per blob)",
+    "weight_decay": "param { decay_mult: ... } (one param block per blob)",
+    "blob_share_mode": "param { share_mode: ... }",
+}
+
+
+# -- reading bytes -----------------------------------------------------------------------------
+def _read_bytes(path: PathLike) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise ParseError(f"{os.fspath(path)}: no such file") from None
+    except IsADirectoryError:
+        raise ParseError(f"{os.fspath(path)}: is a directory, not a file") from None
+    except OSError as e:
+        raise ParseError(f"{os.fspath(path)}: cannot read: {e.strerror or e}") from None
+
+
+def _new(message: M | type[M]) -> M:
+    return message() if isinstance(message, type) else message
+
+
+# -- text ------------------------------------------------------------------------------------
+def parse_text(text: str | bytes, message: M | type[M], source: str = "<string>") -> M:
+    """Parse prototxt ``text`` into ``message`` (an instance, filled and returned, or a class).
+
+    Errors become ``ParseError("{source}:{line}:{col}: {what}")`` with close-match hints.
+    """
+    message = _new(message)
+    if isinstance(text, bytes):
+        text = _decode(text, source)
+    try:
+        text_format.Parse(text, message)
+    except text_format.ParseError as e:
+        raise _parse_error(e, text, message, source) from None
+    return message
+
+
+def read_text(path: PathLike, message: M | type[M]) -> M:
+    """Read the prototxt file ``path`` into ``message`` (no legacy upgrade)."""
+    return parse_text(_read_bytes(path), message, os.fspath(path))
+
+
+def _decode(data: bytes, source: str) -> str:
+    if b"\x00" in data or data.startswith(HDF5_SIGNATURE):
+        raise ParseError(f"{source}: this is a binary file, not a text prototxt "
+                         "(a .caffemodel, .solverstate or .binaryproto?)")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return data.decode("latin-1")  # old files carry Latin-1 in comments
+
+
+def _parse_error(e: text_format.ParseError, text: str, message: Message,
+                 source: str) -> ParseError:
+    line, col = e.GetLine(), e.GetColumn()
+    what = re.sub(r"^\d+:\d+ : ", "", str(e))
+    if line:
+        lines = text.splitlines()
+        echoed = f"'{lines[line - 1]}': " if 0 < line <= len(lines) else None
+        if echoed and what.startswith(echoed):
+            what = what[len(echoed):]
+    what = what.rstrip(".") + _hint(what, message)
+    where = f"{source}:{line}:{col}" if line else source
+    return ParseError(f"{where}: {what}")
+
+
+def _hint(what: str, message: Message) -> str:
+    """Close matches for an unknown field or enum value named in protobuf's message."""
+    pool = message.DESCRIPTOR.file.pool
+    field = re.search(r'Message type "([\w.]+)" has no field named "(\w+)"', what)
+    if field:
+        try:
+            descriptor = pool.FindMessageTypeByName(field.group(1))
+        except KeyError:
+            return ""
+        return _field_hint(field.group(2), descriptor)
+    enum = re.search(r'Enum type "([\w.]+)" has no value named (\S+)', what)
+    if enum:
+        try:
+            descriptor = pool.FindEnumTypeByName(enum.group(1))
+        except KeyError:
+            return ""
+        return _enum_hint(enum.group(2).rstrip(".").strip("\"'"), descriptor)
+    return ""
+
+
+def _field_hint(name: str, descriptor) -> str:
+    fields = list(descriptor.fields_by_name)
+    close = difflib.get_close_matches(name, fields, n=3, cutoff=0.6)
+    hints = []
+    if close:
+        hints.append(f"did you mean {' or '.join(repr(c) for c in close)}?")
+    if descriptor.full_name == "caffe.LayerParameter":
+        if name in _LEGACY_LAYER_FIELDS:
+            hints.append(f"'{name}' is V1 syntax; in a 'layer' write {_LEGACY_LAYER_FIELDS[name]}")
+        owners = [f.name for f in descriptor.fields
+                  if f.message_type is not None and f.name.endswith("_param")
+                  and name in f.message_type.fields_by_name]
+        if owners:
+            shown = ", ".join(owners[:4]) + (", ..." if len(owners) > 4 else "")
+            hints.append(f"'{name}' belongs inside a block such as {shown}")
+    return "; " + "; ".join(hints) if hints else ""
+
+
+def _enum_hint(value: str, descriptor) -> str:
+    names = list(descriptor.values_by_name)
+    upper = {n.upper(): n for n in names}
+    close = [upper[c] for c in difflib.get_close_matches(value.upper(), upper, n=3, cutoff=0.6)]
+    hint = f"; did you mean {' or '.join(close)}?" if close else ""
+    if descriptor.full_name == "caffe.V1LayerParameter.LayerType":
+        hint += ("; 'layers' entries are V1 and take enum types (CONVOLUTION); current-format "
+                 "entries are written layer { type: \"Convolution\" }")
+    if len(names) <= 12:
+        hint += f" (valid: {', '.join(names)})"
+    return hint
+
+
+# -- binary ----------------------------------------------------------------------------------
+def read_binary(path: PathLike, message: M | type[M]) -> M:
+    """Read a binary protobuf file (.caffemodel, .solverstate, .binaryproto) into ``message``."""
+    message = _new(message)
+    data = _read_bytes(path)
+    kind = message.DESCRIPTOR.name
+    try:
+        message.ParseFromString(data)
+    except (DecodeError, RuntimeError, ValueError) as e:
+        raise ParseError(f"{os.fspath(path)}: cannot parse as a binary {kind}: the file is "
+                         f"truncated or is not a {kind} ({e})") from None
+    return message
+
+
+def _check_blob(blob, path: PathLike, what: str) -> None:
+    n = len(blob.double_data) or len(blob.data)
+    expected = int(np.prod(blob_proto_shape(blob), dtype=np.int64))
+    if n != expected:
+        raise ParseError(f"{os.fspath(path)}: {what} declares shape {blob_proto_shape(blob)} "
+                         f"({expected} values) but holds {n}; the file is truncated or corrupt")
+
+
+# -- nets ------------------------------------------------------------------------------------
+def _looks_like_text(value: str) -> bool:
+    return not os.path.exists(value) and any(c in value for c in "{}:\n")
+
+
+def read_net_param(path_or_text: PathLike | caffe_pb2.NetParameter, *,
+                   is_text: bool | None = None) -> caffe_pb2.NetParameter:
+    """A net definition, upgraded to the current format.
+
+    Accepts a prototxt path, prototxt text (``is_text=True``, or detected when the string names
+    no file and looks like prototxt) or a NetParameter. A NetParameter that needs no upgrade is
+    returned as is; one that does is copied first, so the caller's message is left untouched.
+    """
+    if isinstance(path_or_text, caffe_pb2.NetParameter):
+        if not net_needs_upgrade(path_or_text):
+            return path_or_text
+        net = caffe_pb2.NetParameter()
+        net.CopyFrom(path_or_text)
+        return upgrade_net(net, "<NetParameter>")
+    if isinstance(path_or_text, Message):
+        raise MokaError(f"expected a NetParameter, got a {path_or_text.DESCRIPTOR.full_name}")
+    if is_text is None:
+        is_text = isinstance(path_or_text, str) and _looks_like_text(path_or_text)
+    if is_text:
+        source = "<string>"
+        net = parse_text(os.fspath(path_or_text), caffe_pb2.NetParameter, source)
+    else:
+        source = os.fspath(path_or_text)
+        net = read_text(source, caffe_pb2.NetParameter)
+    return upgrade_net(net, source)
+
+
+def read_net_binary(path: PathLike) -> caffe_pb2.NetParameter:
+    """A .caffemodel (binary NetParameter, or Caffe's HDF5 layout), upgraded.
+
+    The HDF5 form is recognised by its signature and read into layers that carry only a name
+    and blobs, which is all that copying weights by layer name needs.
+    """
+    source = os.fspath(path)
+    if _has_hdf5_signature(source):
+        return _read_net_hdf5(source)
+    net = read_binary(source, caffe_pb2.NetParameter)
+    if not len(net.layer) and not len(net.layers) and os.path.getsize(source) > 0:
+        raise ParseError(f"{source}: not a NetParameter (no layers found); is it a "
+                         ".solverstate or .binaryproto?")
+    upgrade_net(net, source)
+    for layer in net.layer:
+        for i, blob in enumerate(layer.blobs):
+            _check_blob(blob, source, f"layer '{layer.name}' blob {i}")
+    return net
+
+
+def _has_hdf5_signature(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(HDF5_SIGNATURE)) == HDF5_SIGNATURE
+    except OSError:
+        return False  # read_binary reports the missing or unreadable file
+
+
+def _read_net_hdf5(path: str) -> caffe_pb2.NetParameter:
+    """Caffe's ``snapshot_format: HDF5`` model: one dataset per blob at ``/data/<layer>/<i>``."""
+    import h5py
+
+    net = caffe_pb2.NetParameter()
+    try:
+        with h5py.File(path, "r") as f:
+            if "data" not in f or not isinstance(f["data"], h5py.Group):
+                raise ParseError(f"{path}: HDF5 file has no /data group; not a Caffe model")
+            for name, group in f["data"].items():
+                layer = net.layer.add(name=name)
+                if not isinstance(group, h5py.Group):
+                    raise ParseError(f"{path}: /data/{name} is not a group of blobs")
+                _read_hdf5_blobs(group, layer, path)
+    except OSError as e:
+        raise ParseError(f"{path}: cannot read HDF5 model: {e}") from None
+    return net
+
+
+def _read_hdf5_blobs(group, layer, path: str) -> None:
+    if any(not key.isdigit() for key in group):
+        raise ParseError(f"{path}: /data/{layer.name} holds {sorted(group)}; "
+                         "expected datasets named 0, 1, ...")
+    indices = sorted(int(key) for key in group)
+    # A shared parameter is stored only by its owner, leaving a gap: keep an empty blob there.
+    for i in range(indices[-1] + 1 if indices else 0):
+        blob = layer.blobs.add()
+        if str(i) in group:
+            array = np.asarray(group[str(i)][()])
+            blob.shape.dim.extend(array.shape)
+            fill_blob_proto(blob, array)
+
+
+# -- solvers ---------------------------------------------------------------------------------
+def read_solver_param(path: PathLike | caffe_pb2.SolverParameter) -> caffe_pb2.SolverParameter:
+    """A solver prototxt, upgraded (``solver_type`` → ``type``, inline nets, snapshot_prefix)."""
+    if isinstance(path, caffe_pb2.SolverParameter):
+        solver = caffe_pb2.SolverParameter()
+        solver.CopyFrom(path)
+        return upgrade_solver(solver, "<SolverParameter>")
+    source = os.fspath(path)
+    solver = read_text(source, caffe_pb2.SolverParameter)
+    upgrade_solver(solver, source)
+    upgrade_snapshot_prefix(solver, source)
+    return solver
+
+
+# -- blobs -----------------------------------------------------------------------------------
+_BLOB_FIELD_NUMBERS = {(False, False): 5, (True, False): 6, (False, True): 8, (True, True): 9}
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def fill_blob_proto(proto: caffe_pb2.BlobProto, array: np.ndarray, diff: bool = False) -> None:
+    """Append ``array``'s values to ``proto``'s data (or diff): float64 arrays go to the double
+    fields, everything else to the float ones. The shape is left to the caller.
+
+    The values are merged in as one packed field already in wire format, which is several times
+    faster than ``extend`` for the millions of values a model layer holds.
+    """
+    double = np.asarray(array).dtype == np.float64
+    raw = np.ascontiguousarray(array, "<f8" if double else "<f4").tobytes()
+    tag = _BLOB_FIELD_NUMBERS[diff, double] << 3 | 2  # wire type 2: length-delimited
+    proto.MergeFromString(bytes([tag]) + _varint(len(raw)) + raw)
+
+
+# -- blob files ------------------------------------------------------------------------------------
+def read_blob_proto(path: PathLike) -> caffe_pb2.BlobProto:
+    """A .binaryproto blob (e.g. a mean file), checked for a value count matching its shape."""
+    blob = read_binary(path, caffe_pb2.BlobProto)
+    if not (len(blob.data) or len(blob.double_data)):
+        raise ParseError(f"{os.fspath(path)}: holds no blob values; not a .binaryproto blob")
+    _check_blob(blob, path, "the blob")
+    return blob
+
+
+def write_blob_proto(blob_proto: caffe_pb2.BlobProto, path: PathLike) -> None:
+    write_binary(blob_proto, path)
+
+
+# -- writing ---------------------------------------------------------------------------------
+@contextmanager
+def _atomic_target(path: PathLike) -> Iterator[str]:
+    """Yield a fresh temporary path beside ``path``; on success sync it and move it over."""
+    target = os.path.abspath(os.fspath(path))
+    directory, base = os.path.split(target)
+    tmp = os.path.join(directory, f".{base}.{secrets.token_hex(4)}.tmp")
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException as e:
+        with suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise MokaError(f"cannot write {os.fspath(path)}: {e.strerror or e}") from e
+        raise
+    with suppress(OSError):  # make the rename itself durable where the platform allows
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _write_bytes(data: bytes, path: PathLike) -> None:
+    with _atomic_target(path) as tmp, open(tmp, "xb") as f:
+        f.write(data)
+
+
+def write_text(message: Message, path: PathLike) -> None:
+    """Write ``message`` as prototxt, atomically."""
+    _write_bytes(text_format.MessageToString(message).encode("utf-8"), path)
+
+
+def write_binary(message: Message, path: PathLike) -> None:
+    """Write ``message`` in protobuf's binary encoding, atomically."""
+    _write_bytes(message.SerializeToString(), path)
+
+
+def write_net_hdf5(net: caffe_pb2.NetParameter, path: PathLike, write_diff: bool = False) -> None:
+    """Write a net's blobs in Caffe's HDF5 model layout (``/data/<layer>/<i>``), atomically."""
+    import h5py
+
+    from engine.blob import blob_proto_array
+
+    with _atomic_target(path) as tmp, h5py.File(tmp, "w") as f:
+        kinds = ("data", "diff") if write_diff else ("data",)
+        for kind in kinds:
+            root = f.create_group(kind)
+            for layer in net.layer:
+                group = root.create_group(layer.name)
+                for i, blob in enumerate(layer.blobs):
+                    diff = kind == "diff"
+                    if diff and not (len(blob.diff) or len(blob.double_diff)):
+                        continue
+                    array = blob_proto_array(blob, blob_proto_shape(blob), diff=diff)
+                    group.create_dataset(str(i), data=array)

@@ -26,7 +26,13 @@ from google.protobuf.message import DecodeError, Message
 from engine import caffe_pb2
 from engine.blob import blob_proto_shape
 from engine.errors import MokaError, ParseError
-from engine.upgrade import net_needs_upgrade, upgrade_net, upgrade_snapshot_prefix, upgrade_solver
+from engine.upgrade import (
+    V1_LAYER_TYPES,
+    net_needs_upgrade,
+    upgrade_net,
+    upgrade_snapshot_prefix,
+    upgrade_solver,
+)
 
 M = TypeVar("M", bound=Message)
 PathLike = str | os.PathLike
@@ -119,6 +125,12 @@ def _hint(what: str, message: Message) -> str:
         except KeyError:
             return ""
         return _enum_hint(enum.group(2).rstrip(".").strip("\"'"), descriptor)
+    bare = re.search(r"Expected string but found: '(\w+)'", what)
+    if bare:
+        word = bare.group(1)
+        if V1_LAYER_TYPES.get(word):  # a V1 enum type written into a current-format layer
+            return f'; layer types are quoted strings: type: "{V1_LAYER_TYPES[word]}"'
+        return f'; strings take quotes: "{word}"'
     return ""
 
 

@@ -382,6 +382,7 @@ def upgrade_net(net: NetParameter, source: str = "") -> NetParameter:
 
 # -- solvers ---------------------------------------------------------------------------------
 def solver_needs_upgrade(solver: SolverParameter) -> bool:
+    """True if ``solver`` sets ``solver_type`` or holds an inline net in a legacy form."""
     nets = [*solver.test_net_param]
     nets += [getattr(solver, f) for f in ("net_param", "train_net_param") if solver.HasField(f)]
     return solver.HasField("solver_type") or any(net_needs_upgrade(n) for n in nets)

@@ -46,7 +46,8 @@ def model(seed: int = 0) -> caffe_pb2.NetParameter:
     ('layer {\n  name: "c"\n  blobs_lr: 1\n}\n', "3:3", "param { lr_mult: ... }"),
     ('layers {\n  name: "c"\n  type: "Convolution"\n}\n', "3:9", "did you mean CONVOLUTION"),
     ('layer {\n  name: "c"\n  top: "x"\n', "3:8", 'Expected "}"'),
-    ('layer {\n  name: c\n}\n', "2:9", "Expected string"),
+    ('layer {\n  name: c\n}\n', "2:9", "Expected string but found: 'c'; strings take quotes"),
+    ('layer {\n  type: CONVOLUTION\n}\n', "2:9", 'quoted strings: type: "Convolution"'),
     ('input_dim: 1.5\n', "1:12", "Couldn't parse integer"),
 ])
 def test_text_errors_name_file_line_and_column(tmp_path: Path, text: str, where: str,

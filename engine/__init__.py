@@ -7,5 +7,6 @@ A pycaffe-compatible surface: ``engine.Net(model, engine.TEST, weights=...)``,
 from engine.blob import Blob
 from engine.errors import MokaError
 from engine.layer import LAYERS, TEST, TRAIN, Layer, register_layer
+from engine.net import Net
 
-__all__ = ["LAYERS", "TEST", "TRAIN", "Blob", "Layer", "MokaError", "register_layer"]
+__all__ = ["LAYERS", "TEST", "TRAIN", "Blob", "Layer", "MokaError", "Net", "register_layer"]

@@ -117,18 +117,15 @@ class Blob:
 
     # -- protobuf ----------------------------------------------------------------------------
     def to_proto(self, write_diff: bool = False):  # -> caffe_pb2.BlobProto
+        """A BlobProto with ``shape`` and the data (and diff); float64 goes to double_data."""
         from engine import caffe_pb2
+        from engine.io import fill_blob_proto
 
         proto = caffe_pb2.BlobProto()
         proto.shape.dim.extend(self.shape)
-        if self.dtype == np.float64:
-            proto.double_data.extend(self.data.ravel().tolist())
-            if write_diff:
-                proto.double_diff.extend(self.diff.ravel().tolist())
-        else:
-            proto.data.extend(self.data.astype(np.float32, copy=False).ravel().tolist())
-            if write_diff:
-                proto.diff.extend(self.diff.astype(np.float32, copy=False).ravel().tolist())
+        fill_blob_proto(proto, self.data)
+        if write_diff:
+            fill_blob_proto(proto, self.diff, diff=True)
         return proto
 
     @classmethod

@@ -315,10 +315,10 @@ class Net:
                                f"{self.inputs}")
             target = self.blobs[name]
             array = np.asarray(array)
-            if array.shape[:1] != target.shape[:1]:
-                raise NetError(f"input '{name}' has batch size {array.shape[:1]} but the blob "
-                               f"is {target.shape}; reshape the blob and call net.reshape()")
-            target.data[...] = array
+            if array.size != target.count:
+                raise NetError(f"input '{name}' has shape {array.shape} but the blob is "
+                               f"{target.shape}; reshape the blob and call net.reshape()")
+            target.data[...] = array.reshape(target.shape)
         first, last = self._range(start, end)
         self.forward_from_to(first, last)
         names = list(self.outputs) if end is None else self.top_names[self._layer_names[last]]

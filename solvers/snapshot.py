@@ -1,0 +1,360 @@
+"""Snapshot files: ``.caffemodel`` + ``.solverstate`` (Caffe's binary layout) or their HDF5 twins.
+
+Every file is written atomically (a temporary file beside it, fsync, ``os.replace``), so a
+failed or interrupted snapshot never destroys the previous good one. The solverstate carries
+Caffe's fields (``iter``, ``learned_net``, ``history`` in Caffe's order, ``current_step``) plus
+``moka_resume`` (field 1000, which Caffe skips): the random generator, every data layer's read
+position and the smoothed-loss window, which together make a resumed run bit-identical.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from engine import caffe_pb2
+from engine.blob import blob_proto_array, blob_proto_shape
+from engine.errors import SolverError
+from engine.io import fill_blob_proto, read_binary, write_binary
+
+log = logging.getLogger("solvers")
+
+HDF5 = caffe_pb2.SolverParameter.HDF5
+
+
+# -- atomic files --------------------------------------------------------------------------------
+def atomic_write(path: str, write: Callable[[str], None]) -> None:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, fsync it, then rename it over."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+    with contextlib.suppress(OSError):  # make the rename itself durable where we can
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def check_write_permission(prefix: str) -> None:
+    """Caffe's startup probe of ``snapshot_prefix`` (only when ``snapshot`` > 0)."""
+    if not prefix:
+        raise SolverError("In solver params, snapshot is specified but snapshot_prefix is not")
+    folder = os.path.dirname(os.path.abspath(prefix))
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise SolverError(f"Cannot write to snapshot prefix '{prefix}'. Make sure that the "
+                          f"directory exists and is writable ({exc.strerror}).") from exc
+
+
+# -- writing -------------------------------------------------------------------------------------
+def snapshot(solver) -> tuple[str, str]:
+    """Write the model then the solver state for ``solver.iter``; returns their paths."""
+    p = solver.param
+    base = f"{p.snapshot_prefix}_iter_{solver.iter}"
+    hdf5 = p.snapshot_format == HDF5
+    if hdf5:
+        model = base + ".caffemodel.h5"
+        log.info("Snapshotting to HDF5 file %s", model)
+        atomic_write(model, lambda tmp: _write_net_hdf5(solver.net, tmp, p.snapshot_diff))
+    else:
+        model = base + ".caffemodel"
+        log.info("Snapshotting to binary proto file %s", model)
+        write_binary(solver.net.to_proto(p.snapshot_diff), model)
+    state = solver_state(solver, model)
+    if hdf5:
+        path = base + ".solverstate.h5"
+        log.info("Snapshotting solver state to HDF5 file %s", path)
+        atomic_write(path, lambda tmp: _write_state_hdf5(state, tmp))
+    else:
+        path = base + ".solverstate"
+        log.info("Snapshotting solver state to binary proto file %s", path)
+        write_binary(state, path)
+    return model, path
+
+
+def solver_state(solver, model_filename: str):
+    """The SolverState message: Caffe's fields, history in Caffe's order, Moka's resume block."""
+    state = caffe_pb2.SolverState()
+    state.iter = solver.iter
+    state.learned_net = model_filename
+    state.current_step = solver.current_step
+    for name in solver.state_names:  # all params' first state, then all params' second
+        for per_param in solver.state:
+            history = state.history.add()
+            history.shape.dim.extend(per_param[name].shape)
+            fill_blob_proto(history, per_param[name])  # double_data for float64 nets
+    state.moka_resume.CopyFrom(resume_state(solver))
+    return state
+
+
+def _jsonable(value):
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
+    raise TypeError(f"cannot store {type(value).__name__} in a solverstate")
+
+
+def resume_state(solver):
+    """What exact resume needs beyond Caffe's fields."""
+    resume = caffe_pb2.MokaResumeState()
+    resume.solver_rng = json.dumps(solver.rng.bit_generator.state)
+    for net_index, net in enumerate([solver.net, *solver.test_nets]):
+        for layer in net.layers:
+            get_state = getattr(layer, "get_state", None)
+            if get_state is None:
+                continue
+            layer_state = resume.layer_state.add()
+            layer_state.net_index = net_index
+            layer_state.layer_name = layer.name
+            layer_state.json_state = json.dumps(get_state(), default=_jsonable)
+    resume.loss_window_double.extend(solver.losses)
+    resume.loss_window_start = solver.loss_index
+    resume.smoothed_loss = solver.smoothed_loss
+    return resume
+
+
+def _write_net_hdf5(net, path: str, write_diff: bool) -> None:
+    """Caffe's Net::ToHDF5: ``/data/<layer>/<i>`` (and ``/diff``) for owned parameters only."""
+    import h5py
+
+    owners = {id(blob) for blob in net.learnable_params}
+    with h5py.File(path, "w") as f:
+        groups = [("data", f.create_group("data"))]
+        if write_diff:
+            groups.append(("diff", f.create_group("diff")))
+        for layer in net.layers:
+            for kind, group in groups:
+                layer_group = group.create_group(layer.name)
+                for j, blob in enumerate(layer.blobs):
+                    if id(blob) in owners:
+                        layer_group.create_dataset(str(j), data=getattr(blob, kind))
+
+
+def _write_state_hdf5(state, path: str) -> None:
+    """Caffe's SnapshotSolverStateToHDF5 layout, plus the resume block as an opaque dataset."""
+    import h5py
+
+    with h5py.File(path, "w") as f:
+        f.create_dataset("iter", data=np.array([state.iter], np.int32))
+        _write_c_string(f, "learned_net", state.learned_net)
+        f.create_dataset("current_step", data=np.array([state.current_step], np.int32))
+        history = f.create_group("history")
+        for i, proto in enumerate(state.history):
+            history.create_dataset(str(i), data=blob_proto_array(proto, blob_proto_shape(proto)))
+        f.create_dataset("moka_resume", data=np.void(state.moka_resume.SerializeToString()))
+
+
+def _write_c_string(f, name: str, text: str) -> None:
+    """A scalar NUL-terminated string, as HDF5's H5LTmake_dataset_string (Caffe) writes it."""
+    import h5py
+
+    raw = text.encode()
+    string_type = h5py.h5t.C_S1.copy()
+    string_type.set_size(len(raw) + 1)
+    string_type.set_strpad(h5py.h5t.STR_NULLTERM)
+    space = h5py.h5s.create(h5py.h5s.SCALAR)
+    dataset = h5py.h5d.create(f.id, name.encode(), string_type, space)
+    dataset.write(h5py.h5s.ALL, h5py.h5s.ALL, np.array(raw + b"\0", dtype=f"S{len(raw) + 1}"),
+                  mtype=string_type)
+
+
+# -- reading -------------------------------------------------------------------------------------
+@dataclass
+class StoredState:
+    iter: int
+    learned_net: str
+    current_step: int
+    history: list[np.ndarray]
+    resume: object | None  # a MokaResumeState, or None for a file Caffe wrote
+
+
+def read_state(path: str) -> StoredState:
+    if not os.path.isfile(path):
+        raise SolverError(f"solver state '{path}' does not exist")
+    return _read_state_hdf5(path) if path.endswith(".h5") else _read_state_binary(path)
+
+
+def _read_state_binary(path: str) -> StoredState:
+    state = read_binary(path, caffe_pb2.SolverState)
+    history = [blob_proto_array(h, blob_proto_shape(h)) for h in state.history]
+    resume = state.moka_resume if state.HasField("moka_resume") else None
+    learned = state.learned_net if state.HasField("learned_net") else ""
+    return StoredState(state.iter, learned, state.current_step, history, resume)
+
+
+def _read_state_hdf5(path: str) -> StoredState:
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            learned = ""
+            if "learned_net" in f:
+                learned = bytes(f["learned_net"][()]).rstrip(b"\0").decode()
+            group = f["history"]
+            history = [np.asarray(group[str(i)][()]) for i in range(len(group))]
+            resume = None
+            if "moka_resume" in f:
+                resume = caffe_pb2.MokaResumeState()
+                resume.ParseFromString(f["moka_resume"][()].tobytes())
+            return StoredState(_h5_int(f["iter"]), learned, _h5_int(f["current_step"]),
+                               history, resume)
+    except (OSError, KeyError) as exc:
+        raise SolverError(f"cannot read HDF5 solver state '{path}': {exc}") from exc
+
+
+def _h5_int(dataset) -> int:
+    return int(np.asarray(dataset[()]).ravel()[0])
+
+
+def load_weights(net, path: str) -> None:
+    """Copy weights by layer name from a .caffemodel or (by file signature) a .caffemodel.h5."""
+    import h5py
+
+    if not os.path.isfile(path):
+        raise SolverError(f"weights file '{path}' does not exist")
+    if h5py.is_hdf5(path):
+        _load_weights_hdf5(net, path)
+    else:
+        net.copy_from(path)
+
+
+def _load_weights_hdf5(net, path: str) -> None:
+    """Caffe's CopyTrainedLayersFromHDF5; a shared (non-owner) blob may be missing."""
+    import h5py
+
+    layers = net.layer_dict
+    owners = {id(blob) for blob in net.learnable_params}
+    with h5py.File(path, "r") as f:
+        for name, group in f["data"].items():
+            layer = layers.get(name)
+            if layer is None:
+                log.info("Ignoring source layer %s", name)
+                continue
+            if len(group) > len(layer.blobs):
+                raise layer.error(f"Incompatible number of blobs: {len(group)} in '{path}', "
+                                  f"{len(layer.blobs)} in the net")
+            for j, blob in enumerate(layer.blobs):
+                if str(j) not in group:
+                    if id(blob) in owners:
+                        raise layer.error(f"Incompatible number of blobs: '{path}' has no "
+                                          f"param {j}")
+                    continue
+                values = np.asarray(group[str(j)][()])
+                if values.shape != blob.shape:
+                    raise layer.error(f"cannot copy param {j} weights: shape mismatch. Source "
+                                      f"param shape is {values.shape}; target param shape is "
+                                      f"{blob.shape}. Rename the layer to learn it anew.")
+                blob.data[...] = values
+
+
+# -- restoring -----------------------------------------------------------------------------------
+def restore(solver, path: str) -> None:
+    """Load ``path`` into ``solver``: weights (from learned_net), iter, history, resume block."""
+    stored = read_state(path)
+    expected = len(solver.state_names) * len(solver.state)
+    if len(stored.history) != expected:
+        hint = ""
+        if path.endswith((".caffemodel", ".caffemodel.h5")) or not stored.history:
+            hint = (" To resume, give the .solverstate file (not the .caffemodel); to start "
+                    "from a .caffemodel, fine-tune with weights instead.")
+        raise SolverError(f"Incorrect length of history blobs in '{path}': this "
+                          f"{type(solver).__name__} solver expects {expected}, found "
+                          f"{len(stored.history)}.{hint}")
+    if stored.learned_net:
+        load_weights(solver.net, _find_learned_net(stored.learned_net, path))
+    solver.iter = stored.iter
+    solver.current_step = stored.current_step
+    _restore_history(solver, stored.history, path)
+    if stored.resume is not None:
+        apply_resume_state(solver, stored.resume)
+    else:  # a Caffe file: smoothing starts afresh, as it would in Caffe
+        solver.losses, solver.loss_index, solver.smoothed_loss = [], 0, 0.0
+    log.info("Restored solver state from %s at iteration %d", path, solver.iter)
+
+
+def _find_learned_net(learned_net: str, state_path: str) -> str:
+    """The stored model path, else the file of that name beside the .solverstate (moved runs)."""
+    if os.path.isfile(learned_net):
+        return learned_net
+    beside = os.path.join(os.path.dirname(state_path), os.path.basename(learned_net))
+    if os.path.isfile(beside):
+        log.info("learned_net %s not found; using %s beside the solver state", learned_net,
+                 beside)
+        return beside
+    raise SolverError(f"the solver state '{state_path}' names the model '{learned_net}', which "
+                      f"does not exist (nor does '{beside}')")
+
+
+def _restore_history(solver, history: list[np.ndarray], path: str) -> None:
+    n = len(solver.state)
+    for k, values in enumerate(history):
+        name, i = solver.state_names[k // n], k % n
+        target = solver.state[i][name]
+        if values.size != target.size:
+            raise SolverError(f"history blob {k} in '{path}' has shape {values.shape}, but "
+                              f"learnable parameter {solver.net.learnable_param_names[i]} has "
+                              f"shape {target.shape}")
+        target[...] = values.reshape(target.shape)
+
+
+def apply_resume_state(solver, resume) -> None:
+    """Put back the random generator, the data layers' positions and the loss window."""
+    if resume.solver_rng:
+        solver.rng.bit_generator.state = json.loads(resume.solver_rng)
+    nets = [solver.net, *solver.test_nets]
+    for layer_state in resume.layer_state:
+        if not 0 <= layer_state.net_index < len(nets):
+            log.warning("solver state has data for net #%d, which this solver lacks",
+                        layer_state.net_index)
+            continue
+        layer = nets[layer_state.net_index].layer_dict.get(layer_state.layer_name)
+        set_state = getattr(layer, "set_state", None)
+        if set_state is None:
+            log.warning("solver state has data for layer '%s', which cannot take it",
+                        layer_state.layer_name)
+            continue
+        set_state(_layer_state_dict(layer_state))
+    losses = list(resume.loss_window_double) or list(resume.loss_window)
+    solver.losses = losses
+    solver.loss_index = resume.loss_window_start
+    solver.smoothed_loss = resume.smoothed_loss if resume.HasField("smoothed_loss") else (
+        sum(losses) / len(losses) if losses else 0.0)
+
+
+def _layer_state_dict(layer_state) -> dict:
+    if layer_state.json_state:
+        return json.loads(layer_state.json_state)
+    state: dict = {}
+    for field in ("cursor", "epoch"):
+        if layer_state.HasField(field):
+            state[field] = getattr(layer_state, field)
+    if layer_state.order:
+        state["order"] = list(layer_state.order)
+    if layer_state.rng_state:
+        state["rng_state"] = json.loads(layer_state.rng_state)
+    return state

@@ -1,0 +1,433 @@
+"""The training loop shared by every update rule (Caffe's ``Solver`` / ``SGDSolver``).
+
+A rule is a ``Solver`` subclass that names its per-parameter state (``state_names``) and gives
+``compute_update(i, grad, local_rate) -> step``; everything else lives here: building the train
+and test nets, ``step``/``solve`` with Caffe's test, display and snapshot schedule, the fixed
+``apply_update`` order, and signal requests. Snapshot files are written by ``solvers.snapshot``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import time
+from collections.abc import Callable
+from os import PathLike
+
+import numpy as np
+
+from engine import caffe_pb2
+from engine.errors import SolverError
+from engine.layer import TEST, TRAIN
+from engine.net import Net
+from engine.upgrade import upgrade_snapshot_prefix
+from solvers import snapshot as snapshots
+from solvers.lr_policies import check_policy, learning_rate
+
+log = logging.getLogger("solvers")
+
+SOLVERS: dict[str, type[Solver]] = {}
+SIGNAL_EFFECTS = ("stop", "snapshot", "none")  # Caffe's --sigint_effect / --sighup_effect
+
+
+def register_solver(cls: type[Solver]) -> type[Solver]:
+    """Class decorator: register ``cls`` under its class name, SolverParameter's ``type``."""
+    if cls.__name__ in SOLVERS:
+        raise ValueError(f"solver type {cls.__name__!r} is registered twice")
+    SOLVERS[cls.__name__] = cls
+    return cls
+
+
+def get_solver(source, weights: str | None = None, dtype=np.float32) -> Solver:
+    """A solver from a solver prototxt path or a SolverParameter (pycaffe's ``get_solver``).
+
+    ``weights`` (a comma list of .caffemodel files) replaces the file's ``weights`` field, as
+    ``caffe train --weights`` does.
+    """
+    from engine.io import read_solver_param
+
+    path = None if isinstance(source, caffe_pb2.SolverParameter) else os.fspath(source)
+    param = read_solver_param(source)  # a copy, upgraded (solver_type, snapshot_prefix)
+    if param.type not in SOLVERS:
+        raise SolverError(f"unknown solver type '{param.type}' (known types: "
+                          f"{', '.join(SOLVERS)})")
+    return SOLVERS[param.type](param, path=path, weights=weights, dtype=dtype)
+
+
+class Solver:
+    """Trains ``net`` with the rule a subclass implements; pycaffe's Solver surface.
+
+    ``iter`` counts completed updates. ``state[i][name]`` is parameter i's rule state (history).
+    """
+
+    state_names: tuple[str, ...] = ()
+
+    def __init__(self, param, path: str | PathLike | None = None, weights: str | None = None,
+                 dtype=np.float32) -> None:
+        self.param = param
+        self.path = None if path is None else os.fspath(path)
+        self.dtype = np.dtype(dtype)
+        if self.path is not None:
+            upgrade_snapshot_prefix(param, self.path)
+        self._check_param()
+        self.check_param()
+        seed = param.random_seed
+        self.rng = np.random.default_rng(seed if seed >= 0 else None)
+        self.net = self._train_net()
+        self.test_nets = self._test_nets()
+        if weights:
+            param.ClearField("weights")
+            param.weights.append(weights)
+        for spec in param.weights:
+            for source in spec.split(","):
+                log.info("Finetuning from %s", source)
+                snapshots.load_weights(self.net, self._find(source.strip(), "weights"))
+        self.iter = 0
+        self.current_step = 0
+        self.state = [{name: np.zeros_like(blob.data) for name in self.state_names}
+                      for blob in self.net.learnable_params]
+        self.losses: list[float] = []  # the smoothed-loss ring buffer
+        self.loss_index = 0  # its oldest entry once full
+        self.smoothed_loss = 0.0
+        self._callbacks: list[tuple[Callable | None, Callable | None]] = []
+        self._signal_effects: dict[int, str] = {}
+        self._signals_got: dict[int, bool] = {}
+        self._previous_handlers: dict[int, object] = {}
+        self._early_exit = False
+        log.info("Solver scaffolding done.")
+
+    # -- what a rule provides ----------------------------------------------------------------
+    def check_param(self) -> None:
+        """Rule-specific checks of ``self.param``; raise SolverError."""
+
+    def compute_update(self, i: int, grad: np.ndarray, local_rate: float) -> np.ndarray:
+        """The step for learnable param ``i`` (``data -= step``); may overwrite ``grad``."""
+        raise NotImplementedError(f"{type(self).__name__}.compute_update")
+
+    # -- setup ---------------------------------------------------------------------------------
+    def _check_param(self) -> None:
+        p = self.param
+        if p.average_loss < 1:
+            raise SolverError(f"average_loss should be >= 1; got {p.average_loss}")
+        if p.iter_size < 1:
+            raise SolverError(f"iter_size should be >= 1; got {p.iter_size}")
+        check_policy(p)
+        if p.weight_decay and p.regularization_type not in ("L1", "L2"):
+            raise SolverError(f"Unknown regularization type: '{p.regularization_type}' "
+                              "(expected 'L2' or 'L1')")
+        if p.snapshot:
+            snapshots.check_write_permission(p.snapshot_prefix)
+
+    def _find(self, name: str, field: str) -> str:
+        """A path as Caffe reads it (from the working directory), else beside the solver file."""
+        if os.path.exists(name) or self.path is None:
+            return name
+        beside = os.path.join(os.path.dirname(self.path), name)
+        if os.path.exists(beside):
+            return beside
+        raise SolverError(f"{field} file '{name}' not found (looked in {os.getcwd()} and "
+                          f"beside the solver file {self.path})")
+
+    def _read_net(self, name: str, field: str):
+        from engine.io import read_net_param
+
+        return read_net_param(self._find(name, field))
+
+    def _make_net(self, net_param, phase: int, extra_state) -> Net:
+        state = caffe_pb2.NetState()
+        state.phase = phase
+        state.MergeFrom(net_param.state)
+        state.MergeFrom(extra_state)  # highest precedence, as in Caffe
+        net_param.state.CopyFrom(state)
+        return Net(net_param, state=state, rng=self.rng, dtype=self.dtype)
+
+    def _train_net(self) -> Net:
+        p = self.param
+        fields = [f for f in ("net", "net_param", "train_net", "train_net_param") if p.HasField(f)]
+        if len(fields) != 1:
+            raise SolverError("SolverParameter must specify exactly one train net using one of "
+                              f"net, net_param, train_net, train_net_param; found {fields or 0}")
+        field = fields[0]
+        if field.endswith("_param"):
+            log.info("Creating training net specified in %s.", field)
+            net_param = caffe_pb2.NetParameter()
+            net_param.CopyFrom(getattr(p, field))
+        else:
+            log.info("Creating training net from %s file: %s", field, getattr(p, field))
+            net_param = self._read_net(getattr(p, field), field)
+        return self._make_net(net_param, TRAIN, p.train_state)
+
+    def _test_nets(self) -> list[Net]:
+        p = self.param
+        sources = [("test_net_param", n) for n in p.test_net_param]
+        sources += [(f"test_net file: {n}", n) for n in p.test_net]
+        generic = p.HasField("net") or p.HasField("net_param")
+        if p.HasField("net") and p.HasField("net_param"):
+            raise SolverError("Both net_param and net may not be specified.")
+        if len(p.test_iter) < len(sources) or (not generic and len(p.test_iter) > len(sources)):
+            raise SolverError(f"test_iter must be specified for each test network: "
+                              f"{len(sources)} test net(s), {len(p.test_iter)} test_iter")
+        for _ in range(len(p.test_iter) - len(sources)):
+            if p.HasField("net_param"):
+                sources.append(("net_param", p.net_param))
+            else:
+                sources.append((f"net file: {p.net}", p.net))
+        if p.test_state and len(p.test_state) != len(sources):
+            raise SolverError(f"test_state must be unspecified or specified once per test net; "
+                              f"{len(sources)} test net(s), {len(p.test_state)} test_state")
+        if sources and p.test_interval <= 0:
+            raise SolverError(f"test_interval must be > 0 when there are test nets; got "
+                              f"{p.test_interval}")
+        nets = []
+        for i, (what, source) in enumerate(sources):
+            log.info("Creating test net (#%d) specified by %s", i, what)
+            if isinstance(source, str):
+                net_param = self._read_net(source, "test net")
+            else:
+                net_param = caffe_pb2.NetParameter()
+                net_param.CopyFrom(source)
+            extra = p.test_state[i] if p.test_state else caffe_pb2.NetState()
+            net = self._make_net(net_param, TEST, extra)
+            net.share_with(self.net)
+            nets.append(net)
+        return nets
+
+    # -- the loop ------------------------------------------------------------------------------
+    def add_callback(self, on_start: Callable | None = None,
+                     on_gradients_ready: Callable | None = None) -> None:
+        """pycaffe's callbacks: before each iteration's forward, and before its update."""
+        self._callbacks.append((on_start, on_gradients_ready))
+
+    def solve(self, resume_file: str | PathLike | None = None) -> None:
+        """Train to ``max_iter`` (Caffe's Solve), restoring ``resume_file`` first if given."""
+        p = self.param
+        log.info("Solving %s", self.net.name)
+        log.info("Learning Rate Policy: %s", p.lr_policy)
+        self._early_exit = False
+        try:
+            if resume_file:
+                log.info("Restoring previous solver status from %s", resume_file)
+                self.restore(resume_file)
+            self.step(p.max_iter - self.iter)
+            if p.snapshot_after_train and (not p.snapshot or self.iter % p.snapshot != 0):
+                self.snapshot()
+            if self._early_exit:
+                log.info("Optimization stopped early.")
+                return
+            if p.display and self.iter % p.display == 0:
+                self._update_smoothed_loss(self.net.forward_from_to())
+                log.info("Iteration %d, loss = %g", self.iter, self.smoothed_loss)
+            if p.test_interval and self.iter % p.test_interval == 0:
+                self.test_all()
+            log.info("Optimization Done.")
+        finally:
+            self.restore_signal_handlers()
+
+    def step(self, iters: int) -> None:
+        """Run ``iters`` iterations (Caffe's Step): test, forward/backward, display, update."""
+        p = self.param
+        stop_iter = self.iter + iters
+        self._timer = (time.perf_counter(), self.iter)
+        while self.iter < stop_iter:
+            self.net.clear_param_diffs()
+            if (p.test_interval and self.iter % p.test_interval == 0
+                    and (self.iter > 0 or p.test_initialization)):
+                self.test_all()
+                if self._early_exit:
+                    break
+            for on_start, _ in self._callbacks:
+                if on_start:
+                    on_start()
+            loss = 0.0
+            for _ in range(p.iter_size):
+                loss += self.net.forward_backward()
+            self._update_smoothed_loss(loss / p.iter_size)
+            if p.display and self.iter % p.display == 0:
+                self._display()
+            for _, on_ready in self._callbacks:
+                if on_ready:
+                    on_ready()
+            self.apply_update()
+            self.iter += 1
+            request = self._requested_action()
+            if (p.snapshot and self.iter % p.snapshot == 0) or request == "snapshot":
+                self.snapshot()
+            if request == "stop":
+                self._early_exit = True
+                break
+
+    def _update_smoothed_loss(self, loss: float) -> None:
+        """Mean of the last ``average_loss`` losses, updated incrementally as Caffe does.
+
+        Unlike Caffe, the window is kept across ``step()`` calls and in snapshots, so a resumed
+        run shows the same smoothed loss as an uninterrupted one.
+        """
+        window = self.param.average_loss
+        if len(self.losses) < window:
+            self.losses.append(loss)
+            n = len(self.losses)
+            self.smoothed_loss = (self.smoothed_loss * (n - 1) + loss) / n
+        else:
+            i = self.loss_index
+            self.smoothed_loss += (loss - self.losses[i]) / window
+            self.losses[i] = loss
+            self.loss_index = (i + 1) % window
+
+    def _display(self) -> None:
+        start, first_iter = self._timer
+        lapse = time.perf_counter() - start
+        per_s = (self.iter - first_iter) / (lapse or 1.0)
+        log.info("Iteration %d (%g iter/s, %gs/%d iters), loss = %g", self.iter, per_s, lapse,
+                 self.param.display, self.smoothed_loss)
+        self._timer = (time.perf_counter(), self.iter)
+        for k, name, value, weight in _output_values(self.net, self.net.outputs):
+            log.info("    Train net output #%d: %s = %g%s", k, name, value, _loss_note(weight,
+                                                                                       value))
+
+    # -- the update ----------------------------------------------------------------------------
+    def apply_update(self) -> None:
+        """rate → clip (before iter_size division, as Caffe) → normalise → decay → rule → step."""
+        rate, self.current_step = learning_rate(self.param, self.iter, self.current_step)
+        rate = float(self.dtype.type(rate))  # Caffe keeps the rate in the net's Dtype
+        if self.param.display and self.iter % self.param.display == 0:
+            log.info("Iteration %d, lr = %g", self.iter, rate)
+        self.clip_gradients()
+        for i, blob in enumerate(self.net.learnable_params):
+            if self.param.iter_size > 1:
+                blob.diff *= 1.0 / self.param.iter_size
+            self._regularize(i, blob)
+            local_rate = float(self.dtype.type(rate * self.net.params_lr[i]))
+            step = self.compute_update(i, blob.diff, local_rate)
+            if step is not blob.diff:
+                blob.diff[...] = step  # Caffe leaves the applied step in the diff
+            blob.data -= blob.diff
+
+    def clip_gradients(self) -> None:
+        """Scale every diff by clip/norm when the global L2 norm exceeds ``clip_gradients``."""
+        clip = self.param.clip_gradients
+        if clip < 0:
+            return
+        sumsq = sum(float(np.vdot(blob.diff, blob.diff)) for blob in self.net.learnable_params)
+        norm = math.sqrt(sumsq)
+        if norm > clip:
+            scale = clip / norm
+            log.info("Gradient clipping: scaling down gradients (L2 norm %g > %g) by scale "
+                     "factor %g", norm, clip, scale)
+            for blob in self.net.learnable_params:
+                blob.diff *= scale
+
+    def _regularize(self, i: int, blob) -> None:
+        local_decay = self.param.weight_decay * self.net.params_weight_decay[i]
+        if not local_decay:
+            return
+        if self.param.regularization_type == "L2":
+            blob.diff += local_decay * blob.data
+        else:  # "L1" (checked at construction)
+            blob.diff += local_decay * np.sign(blob.data)
+
+    # -- testing -------------------------------------------------------------------------------
+    def test_all(self) -> None:
+        for i in range(len(self.test_nets)):
+            if self._early_exit:
+                break
+            self.test(i)
+
+    def test(self, i: int = 0) -> list[tuple[str, float]]:
+        """Average every output element of test net ``i`` over ``test_iter[i]`` forwards."""
+        log.info("Iteration %d, Testing net (#%d)", self.iter, i)
+        net, n_iter = self.test_nets[i], self.param.test_iter[i]
+        net.share_with(self.net)
+        totals, loss = None, 0.0
+        for _ in range(n_iter):
+            self._handle_requests_while_testing()
+            if self._early_exit:
+                log.info("Test interrupted.")
+                return []
+            iter_loss = net.forward_from_to()
+            loss += iter_loss
+            values = np.array([v for _, _, v, _ in _output_values(net, net.outputs)])
+            totals = values if totals is None else totals + values
+        if self.param.test_compute_loss:
+            log.info("Test loss: %g", loss / n_iter)
+        scores = []
+        rows = _output_values(net, net.outputs)
+        for (k, name, _, weight), total in zip(rows, [] if totals is None else totals,
+                                               strict=False):
+            mean = float(total) / n_iter
+            log.info("    Test net output #%d: %s = %g%s", k, name, mean, _loss_note(weight, mean))
+            scores.append((name, mean))
+        return scores
+
+    # -- signals -------------------------------------------------------------------------------
+    def install_signal_handlers(self, sigint: str = "stop", sighup: str = "snapshot") -> None:
+        """Handle SIGINT/SIGHUP by requesting stop|snapshot|none (Caffe's --sig*_effect).
+
+        The handler only records the signal; the loop acts on it after the current update (or
+        test forward). ``solve()`` puts the previous handlers back when it ends.
+        """
+        effects = {signal.SIGINT: sigint}
+        if hasattr(signal, "SIGHUP"):
+            effects[signal.SIGHUP] = sighup
+        for sig, effect in effects.items():
+            if effect not in SIGNAL_EFFECTS:
+                raise SolverError(f"signal effect must be one of {', '.join(SIGNAL_EFFECTS)}; "
+                                  f"got '{effect}' for {signal.Signals(sig).name}")
+        self.restore_signal_handlers()
+        for sig, effect in effects.items():
+            self._previous_handlers[sig] = signal.signal(sig, self._on_signal)
+            self._signal_effects[sig] = effect
+            self._signals_got[sig] = False
+
+    def restore_signal_handlers(self) -> None:
+        for sig, handler in self._previous_handlers.items():
+            signal.signal(sig, handler)
+        self._previous_handlers.clear()
+        self._signal_effects.clear()
+        self._signals_got.clear()
+
+    def _on_signal(self, signum: int, frame) -> None:
+        self._signals_got[signum] = True
+
+    def _requested_action(self) -> str:
+        """The effect of one pending signal (SIGHUP first, as Caffe), clearing it; else none."""
+        for sig in (getattr(signal, "SIGHUP", None), signal.SIGINT):
+            if self._signals_got.get(sig):
+                self._signals_got[sig] = False
+                return self._signal_effects[sig]
+        return "none"
+
+    def _handle_requests_while_testing(self) -> None:
+        while any(self._signals_got.values()):
+            request = self._requested_action()
+            if request == "snapshot":
+                self.snapshot()
+            elif request == "stop":
+                self._early_exit = True
+
+    # -- snapshots -----------------------------------------------------------------------------
+    def snapshot(self) -> tuple[str, str]:
+        """Write ``<prefix>_iter_<iter>.caffemodel`` and ``.solverstate``; returns both paths."""
+        return snapshots.snapshot(self)
+
+    def restore(self, path: str | PathLike) -> None:
+        """Resume from a ``.solverstate`` (or ``.solverstate.h5``) written by Moka or Caffe."""
+        snapshots.restore(self, os.fspath(path))
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} solver, iter {self.iter}, net '{self.net.name}'>"
+
+
+def _output_values(net: Net, names: list[str]) -> list[tuple[int, str, float, float]]:
+    """(index, blob name, value, loss weight) for every element of the output blobs."""
+    rows = []
+    for name in names:
+        weight = net.blob_loss_weights.get(name, 0.0)
+        for value in net.blobs[name].data.ravel().tolist():
+            rows.append((len(rows), name, value, weight))
+    return rows
+
+
+def _loss_note(weight: float, value: float) -> str:
+    return f" (* {weight:g} = {weight * value:g} loss)" if weight else ""

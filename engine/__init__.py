@@ -7,6 +7,27 @@ A pycaffe-compatible surface: ``engine.Net(model, engine.TEST, weights=...)``,
 from engine.blob import Blob
 from engine.errors import MokaError
 from engine.layer import LAYERS, TEST, TRAIN, Layer, register_layer
+from engine.mode import (
+    layer_type_list,
+    set_device,
+    set_mode_cpu,
+    set_mode_gpu,
+    set_random_seed,
+)
 from engine.net import Net
 
-__all__ = ["LAYERS", "TEST", "TRAIN", "Blob", "Layer", "MokaError", "Net", "register_layer"]
+__all__ = [
+    "LAYERS",
+    "TEST",
+    "TRAIN",
+    "Blob",
+    "Layer",
+    "MokaError",
+    "Net",
+    "layer_type_list",
+    "register_layer",
+    "set_device",
+    "set_mode_cpu",
+    "set_mode_gpu",
+    "set_random_seed",
+]

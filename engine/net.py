@@ -16,7 +16,7 @@ from os import PathLike
 
 import numpy as np
 
-from engine import caffe_pb2
+from engine import caffe_pb2, mode
 from engine.blob import Blob, blob_proto_array, blob_proto_shape, legacy_shape_matches
 from engine.errors import MokaError, NetError
 from engine.graph import filter_net, insert_splits
@@ -56,7 +56,7 @@ class Net:
         self.name = net_param.name
         self.state = state
         self.phase = state.phase
-        self.rng = rng if rng is not None else np.random.default_rng()
+        self.rng = rng if rng is not None else mode.default_rng()
         self.dtype = np.dtype(dtype)
         self.force_backward = net_param.force_backward
         self._build(insert_splits(filter_net(net_param, state)))

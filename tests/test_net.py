@@ -308,3 +308,15 @@ def test_caffemodel_holds_split_layers_and_all_blobs():
     assert [layer.name for layer in proto.layer] == ["data", "x_data_0_split", "ip", "ip2"]
     assert len(proto.layer[2].blobs) == 2
     assert list(proto.layer[2].blobs[0].shape.dim) == [3, 5]
+
+
+def test_pycaffe_globals():
+    assert {"Convolution", "InnerProduct", "ReLU", "SoftmaxWithLoss"} <= set(
+        engine.layer_type_list())
+    engine.set_mode_cpu()
+    engine.set_random_seed(5)
+    text = INPUTS + ip("ip", "x", "y")
+    a = Net(net_param(text), engine.TRAIN)
+    engine.set_random_seed(5)
+    b = Net(net_param(text), engine.TRAIN)
+    np.testing.assert_array_equal(a.params["ip"][0].data, b.params["ip"][0].data)

@@ -52,7 +52,7 @@ def get_solver(source, weights: str | None = None, dtype=np.float32) -> Solver:
     param = read_solver_param(source)  # a copy, upgraded (solver_type, snapshot_prefix)
     if param.type not in SOLVERS:
         raise SolverError(f"unknown solver type '{param.type}' (known types: "
-                          f"{', '.join(SOLVERS)})")
+                          f"{', '.join(sorted(SOLVERS))})")
     return SOLVERS[param.type](param, path=path, weights=weights, dtype=dtype)
 
 

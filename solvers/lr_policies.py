@@ -53,7 +53,11 @@ def multistep(p, it: int, current_step: int | None = None) -> float:
 def poly(p, it: int) -> float:
     """base_lr * (1 - it / max_iter) ^ power."""
     _need(p.max_iter > 0, "poly", f"max_iter must be > 0; got {p.max_iter}")
-    return p.base_lr * (1.0 - it / p.max_iter) ** p.power
+    try:
+        return p.base_lr * math.pow(1.0 - it / p.max_iter, p.power)
+    except ValueError:  # Caffe would train on with a NaN rate
+        raise SolverError(f"lr_policy 'poly': iteration {it} is past max_iter {p.max_iter}, "
+                          f"where (1 - it/max_iter)^{p.power:g} is undefined") from None
 
 
 def sigmoid(p, it: int) -> float:

@@ -23,7 +23,8 @@ class SGD(Solver):
     def compute_update(self, i: int, grad: np.ndarray, local_rate: float) -> np.ndarray:
         v = self.state[i]["history"]
         v *= self.param.momentum
-        v += local_rate * grad
+        grad *= local_rate  # in place: the diff is scratch by now
+        v += grad
         return v
 
 

@@ -289,7 +289,10 @@ class Solver:
     # -- the update ----------------------------------------------------------------------------
     def apply_update(self) -> None:
         """rate → clip (before iter_size division, as Caffe) → normalise → decay → rule → step."""
-        rate, self.current_step = learning_rate(self.param, self.iter, self.current_step)
+        rate, step = learning_rate(self.param, self.iter, self.current_step)
+        if self.param.lr_policy == "multistep" and step != self.current_step:
+            log.info("MultiStep Status: Iteration %d, step = %d", self.iter, step)
+        self.current_step = step
         rate = float(self.dtype.type(rate))  # Caffe keeps the rate in the net's Dtype
         if self.param.display and self.iter % self.param.display == 0:
             log.info("Iteration %d, lr = %g", self.iter, rate)

@@ -81,6 +81,7 @@ def test_solver_logs_the_rate_it_uses(make_solver, caplog):
         solver.step(3)
     lrs = [r.getMessage() for r in caplog.records if ", lr = " in r.getMessage()]
     assert lrs == ["Iteration 0, lr = 0.1", "Iteration 1, lr = 0.05", "Iteration 2, lr = 0.025"]
+    assert "MultiStep Status: Iteration 2, step = 2" in [r.getMessage() for r in caplog.records]
     assert solver.current_step == 2
 
 
@@ -90,8 +91,9 @@ def test_solver_logs_the_rate_it_uses(make_solver, caplog):
     ('lr_policy: "step" gamma: 0.1', "stepsize must be > 0"),
     ('lr_policy: "sigmoid" gamma: -1 stepsize: 3', "gamma must be >= 0"),
     ('lr_policy: "poly" power: 1', "max_iter must be > 0"),
+    ('lr_policy: "poly" power: 0.5 max_iter: 1', "iteration 2 is past max_iter 1"),
 ])
 def test_bad_policies(text, match):
     p = solver_param(BASE + text)
     with pytest.raises(SolverError, match=match):
-        learning_rate(p, 1, 0)
+        learning_rate(p, 2, 0)

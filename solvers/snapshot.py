@@ -43,9 +43,11 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
         finally:
             os.close(fd)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             os.remove(tmp)
+        if isinstance(exc, OSError):
+            raise SolverError(f"cannot write {path}: {exc.strerror or exc}") from exc
         raise
     with contextlib.suppress(OSError):  # make the rename itself durable where we can
         dir_fd = os.open(folder, os.O_RDONLY)

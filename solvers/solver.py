@@ -348,9 +348,9 @@ class Solver:
             if self._early_exit:
                 log.info("Test interrupted.")
                 return []
-            iter_loss = net.forward_from_to()
-            loss += iter_loss
-            values = np.array([v for _, _, v, _ in _output_values(net, net.outputs)])
+            loss += net.forward_from_to()
+            values = np.concatenate([net.blobs[name].data.ravel() for name in net.outputs]
+                                    or [np.zeros(0)]).astype(np.float64)
             totals = values if totals is None else totals + values
         if self.param.test_compute_loss:
             log.info("Test loss: %g", loss / n_iter)

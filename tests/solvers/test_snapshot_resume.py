@@ -236,7 +236,7 @@ def test_a_failed_hdf5_snapshot_keeps_the_previous_files(resume_setup, tmp_path,
         raise OSError(5, "Input/output error")
 
     monkeypatch.setattr(snapshots, "_write_net_hdf5", half_written)
-    with pytest.raises(OSError):
+    with pytest.raises(SolverError, match=r"cannot write .*\.caffemodel\.h5: Input/output error"):
         solver.snapshot()
     assert Path(model).read_bytes() == good
     assert not [name for name in os.listdir(tmp_path) if name.endswith(".tmp")]

@@ -1,1 +1,314 @@
-"""(being written)"""
+"""Pooling: prototxt type ``Pooling``, configured by ``pooling_param`` (PoolingParameter: ``pool``
+MAX | AVE | STOCHASTIC, ``kernel_size``/``kernel_h``/``kernel_w``, ``stride``/``stride_h``/
+``stride_w``, ``pad``/``pad_h``/``pad_w``, ``global_pooling``, ``round_mode`` CEIL | FLOOR)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from engine.blob import Blob
+from engine.kernels import (
+    PoolAxis,
+    Workspace,
+    from_phase_planes,
+    kernel_offsets,
+    phase_planes_shape,
+    phase_view,
+    pool_out_size,
+    to_phase_planes,
+)
+from engine.layer import TRAIN, Layer, register_layer
+
+MAX, AVE, STOCHASTIC = 0, 1, 2  # PoolingParameter.PoolMethod
+CEIL = 0  # PoolingParameter.RoundMode
+FLT_MAX = float(np.finfo(np.float32).max)
+FLT_MIN = float(np.finfo(np.float32).tiny)
+
+
+@register_layer
+class Pooling(Layer):
+    """Max, average or stochastic pooling over each (n, c) plane.
+
+    Shapes: bottom (N, C, H, W) -> top (N, C, PH, PW) with ``PH = ceil((H + 2*pad - k) / stride)
+    + 1`` (floor under ``round_mode: FLOOR``), less one when ``pad > 0`` and the last window would
+    start in the padding (Caffe's clip rule). MAX may have a second top: the argmax as Caffe's
+    flat index ``h * W + w`` into the input plane, stored as a float (-1 for a window with no
+    cell), and the gradient goes to that cell only.
+
+    Caffe quirks matched: windows are clipped to the image, so padding never wins a MAX; ties go
+    to the first maximum in row-major window order (strict ``>`` from -FLT_MAX). AVE sums the
+    in-image cells and divides by ``(min(hs+k, H+pad) - hs) * (min(ws+k, W+pad) - ws)``,
+    ``hs = ph*stride - pad``: padding counts, the ceil overhang does not. STOCHASTIC (GPU-only in
+    Caffe, same rules here; inputs are assumed non-negative, e.g. after ReLU): TRAIN picks a cell
+    with probability proportional to its value, TEST outputs ``sum(x^2) / (FLT_MIN + sum(x))``,
+    whose exact gradient TEST backward gives.
+    """
+
+    n_bottom = (1, 1)
+    n_top = (1, 2)
+
+    def setup(self, bottom: list[Blob], top: list[Blob]) -> None:
+        p = self.param.pooling_param
+        self.method, self.global_pooling = p.pool, p.global_pooling
+        self.round_up = p.round_mode == CEIL
+        self.kernel = self._kernel(p)
+        self.stride = self._pair(p, "stride", 1)
+        self.pad = self._pair(p, "pad", 0)
+        if min(self.stride) < 1:
+            raise self.error(f"stride must be positive; got {self.stride}")
+        if self.global_pooling and (self.pad != (0, 0) or self.stride != (1, 1)):
+            raise self.error(f"global_pooling needs pad 0 and stride 1; got pad {self.pad}, "
+                             f"stride {self.stride}")
+        if self.pad != (0, 0):
+            if self.method not in (MAX, AVE):
+                raise self.error("padding is implemented only for MAX and AVE pooling")
+            if self.kernel and not (self.pad[0] < self.kernel[0] and self.pad[1] < self.kernel[1]):
+                raise self.error(f"pad {self.pad} must be smaller than the kernel {self.kernel}")
+        if len(top) > 1 and self.method != MAX:
+            raise self.error("only MAX pooling has a second top (the argmax mask)")
+        self._work = Workspace()
+        self._shape_key: tuple = ()
+
+    def _kernel(self, p) -> tuple[int, int] | None:
+        given = [f for f in ("kernel_size", "kernel_h", "kernel_w") if p.HasField(f)]
+        if self.global_pooling:
+            if given:
+                raise self.error(f"global_pooling takes the kernel from the bottom; do not give "
+                                 f"{', '.join(given)}")
+            return None
+        if p.HasField("kernel_size") and len(given) > 1:
+            raise self.error("give either kernel_size or kernel_h and kernel_w, not both")
+        if not p.HasField("kernel_size") and len(given) != 2:
+            raise self.error("kernel_size, or both kernel_h and kernel_w, is required")
+        kernel = ((p.kernel_size,) * 2 if p.HasField("kernel_size")
+                  else (p.kernel_h, p.kernel_w))
+        if min(kernel) < 1:
+            raise self.error(f"kernel dimensions must be positive; got {kernel}")
+        return kernel
+
+    def _pair(self, p, name: str, default: int) -> tuple[int, int]:
+        h, w = p.HasField(f"{name}_h"), p.HasField(f"{name}_w")
+        if p.HasField(name) and (h or w):
+            raise self.error(f"give either {name} or {name}_h and {name}_w, not both")
+        if h != w:
+            raise self.error(f"{name}_h and {name}_w must be given together")
+        if h:
+            return getattr(p, f"{name}_h"), getattr(p, f"{name}_w")
+        return (getattr(p, name),) * 2 if p.HasField(name) else (default, default)
+
+    # -- shapes ----------------------------------------------------------------------------------
+    def reshape(self, bottom: list[Blob], top: list[Blob]) -> None:
+        shape = bottom[0].shape
+        if len(shape) != 4:
+            raise self.error(f"the bottom must have 4 axes (num, channels, height, width); got "
+                             f"shape {shape}")
+        kernel = shape[2:] if self.global_pooling else self.kernel
+        out = tuple(pool_out_size(n, k, p, s, self.round_up) for n, k, p, s in
+                    zip(shape[2:], kernel, self.pad, self.stride, strict=True))
+        if min(out) < 1:
+            raise self.error(f"the kernel {kernel} does not fit the input {shape[2:]} with pad "
+                             f"{self.pad}")
+        for blob in top:
+            blob.reshape((*shape[:2], *out))
+        key = (shape, bottom[0].dtype, tuple(kernel))
+        if key != self._shape_key:
+            self._shape_key = key
+            self._set_geometry(shape, kernel, out, bottom[0].dtype)
+
+    def _set_geometry(self, shape: tuple[int, ...], kernel: Sequence[int],
+                      out: tuple[int, ...], dtype: np.dtype) -> None:
+        """Everything that depends only on the shapes, computed once per bottom shape."""
+        self.axes = tuple(PoolAxis(n, k, s, p, o) for n, k, s, p, o in
+                          zip(shape[2:], kernel, self.stride, self.pad, out, strict=True))
+        ah, aw = self.axes
+        self.offsets = list(kernel_offsets(kernel))
+        # the whole input is one window: reductions beat a loop over kernel offsets
+        self.whole = out == (1, 1) and self.pad == (0, 0) and \
+            kernel[0] >= shape[2] and kernel[1] >= shape[3]
+        hs, ws = ah.starts(), aw.starts()
+        size_h = np.minimum(hs + ah.kernel, ah.size + ah.pad) - hs
+        size_w = np.minimum(ws + aw.kernel, aw.size + aw.pad) - ws
+        divisor = np.outer(size_h, size_w)
+        self.divisor = np.where(divisor == 0, 1, divisor).astype(dtype)  # 0 only past the image
+        self.empty = np.logical_or.outer(hs >= ah.size, ws >= aw.size)  # windows with no cell
+        self.plane_index = np.add.outer(hs * aw.size, ws)  # Caffe's flat index of cell (hs, ws)
+        rel = [i * aw.size + j for i, j in self.offsets]
+        self.offset_index = np.array([0, *rel], np.int64)  # argmax 0 means "no cell"
+        n_idx = len(self.offsets) + 1
+        self.index_dtype = np.uint8 if n_idx < 256 else np.uint16 if n_idx < 65536 else np.uint32
+        covered = [sum(0 if c is None else c[0].stop - c[0].start
+                       for c in (a.plane_cells(ph) for ph in range(a.phases))) for a in self.axes]
+        self.covers_input = covered == [ah.size, aw.size]  # else some cells are in no window
+        self._base: np.ndarray | None = None
+
+    # -- forward ---------------------------------------------------------------------------------
+    def _planes(self, x: np.ndarray, fill: float) -> np.ndarray:
+        shape = phase_planes_shape(x.shape[:2], self.axes)
+        planes = self._work.get(f"planes{fill}", shape, x.dtype, fill=fill)
+        to_phase_planes(x, self.axes, planes)
+        return planes
+
+    def forward(self, bottom: list[Blob], top: list[Blob]) -> None:
+        x, y = bottom[0].data, top[0].data
+        if self.method == MAX:
+            if self.whole:
+                self._max_whole(x, y)
+            else:
+                self._max(x, y)
+            if len(top) > 1:
+                self._write_mask(top[1].data)
+        elif self.method == AVE:
+            if self.whole:
+                np.divide(x.sum(axis=(2, 3), keepdims=True), self.divisor, out=y)
+            else:
+                self._sum_views(self._planes(x, 0), y)
+                np.divide(y, self.divisor, out=y)
+        elif self.phase == TRAIN:
+            self._stochastic_train(x, y)
+        else:
+            self._stochastic_test(x, y)
+
+    def _sum_views(self, planes: np.ndarray, out: np.ndarray, square: bool = False) -> None:
+        """``out`` = the sum over each window, cell by cell in row-major order (as Caffe)."""
+        for n, offset in enumerate(self.offsets):
+            view = phase_view(planes, offset, self.axes)
+            if square:
+                view = view * view
+            if n == 0:
+                np.copyto(out, view)
+            else:
+                np.add(out, view, out=out)
+
+    def _index_buffers(self, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+        argmax = self._work.get("argmax", shape, self.index_dtype)
+        argmax.fill(0)
+        return argmax, self._work.get("candidate", shape, self.index_dtype)
+
+    def _max(self, x: np.ndarray, y: np.ndarray) -> None:
+        """Running max with strict ``>``; argmax keeps the (1-based) offset of the first max."""
+        planes = self._planes(x, -FLT_MAX)
+        argmax, candidate = self._index_buffers(y.shape)
+        greater = self._work.get("greater", y.shape, np.bool_)
+        y.fill(-FLT_MAX)
+        for n, offset in enumerate(self.offsets, 1):
+            view = phase_view(planes, offset, self.axes)
+            np.greater(view, y, out=greater)
+            np.fmax(y, view, out=y)  # fmax: a NaN never wins, as with Caffe's ``>``
+            # offsets only increase, so the last one that beat the running max is the max
+            np.multiply(greater.view(np.uint8), self.index_dtype(n), out=candidate)
+            np.maximum(argmax, candidate, out=argmax)
+        self.complete = bool(argmax.all())
+
+    def _max_whole(self, x: np.ndarray, y: np.ndarray) -> None:
+        flat = x.reshape(*x.shape[:2], -1)
+        self.whole_argmax = flat.argmax(axis=-1)  # numpy returns the first maximum
+        np.copyto(y[..., 0, 0], np.take_along_axis(flat, self.whole_argmax[..., None], -1)[..., 0])
+        none = ~(y[..., 0, 0] > -FLT_MAX)  # Caffe starts from -FLT_MAX
+        self.complete = not none.any()
+        if not self.complete:
+            y[none, 0, 0] = -FLT_MAX
+            self.whole_argmax[none] = -1
+
+    def _write_mask(self, mask: np.ndarray) -> None:
+        if self.whole:
+            np.copyto(mask[..., 0, 0], self.whole_argmax)
+            return
+        argmax = self._work.get("argmax", mask.shape, self.index_dtype)
+        index = np.take(self.offset_index, argmax) + self.plane_index
+        if not self.complete:
+            index[argmax == 0] = -1
+        np.copyto(mask, index)
+
+    def _stochastic_train(self, x: np.ndarray, y: np.ndarray) -> None:
+        """Pick the first cell whose running sum reaches ``u * sum`` (u uniform in [0, 1))."""
+        planes = self._planes(x, 0)
+        total = self._work.get("total", y.shape, x.dtype)
+        self._sum_views(planes, total)
+        threshold = self.rng.random(y.shape, dtype=x.dtype)
+        threshold *= total
+        running, found = np.zeros_like(y), np.zeros(y.shape, np.bool_)
+        reached = np.empty(y.shape, np.bool_)
+        argmax, candidate = self._index_buffers(y.shape)
+        y.fill(0)
+        for n, offset in enumerate(self.offsets, 1):
+            view = phase_view(planes, offset, self.axes)
+            running += view
+            np.greater_equal(running, threshold, out=reached)
+            np.greater(reached, found, out=reached)  # reached now, not before
+            found |= reached
+            np.copyto(y, view, where=reached)
+            np.multiply(reached.view(np.uint8), self.index_dtype(n), out=candidate)
+            np.maximum(argmax, candidate, out=argmax)
+        if self.empty.any():
+            argmax[..., self.empty] = 0
+            y[..., self.empty] = 0
+        self.complete = bool(argmax.all())
+
+    def _stochastic_test(self, x: np.ndarray, y: np.ndarray) -> None:
+        planes = self._planes(x, 0)
+        total = self._work.get("total", y.shape, x.dtype)
+        total.fill(FLT_MIN)  # Caffe starts the sum at FLT_MIN to avoid 0/0
+        for offset in self.offsets:
+            np.add(total, phase_view(planes, offset, self.axes), out=total)
+        self._sum_views(planes, y, square=True)
+        np.divide(y, total, out=y)
+        np.copyto(self._work.get("output", y.shape, y.dtype), y)  # top may be changed in place
+
+    # -- backward --------------------------------------------------------------------------------
+    def backward(self, top: list[Blob], propagate_down: Sequence[bool],
+                 bottom: list[Blob]) -> None:
+        if not propagate_down[0]:
+            return
+        dy, dx = top[0].diff, bottom[0].diff
+        if self.method == AVE and self.whole:
+            np.copyto(dx, dy / self.divisor)
+        elif self.method == AVE:
+            self._spread(dy / self.divisor, None, dx)
+        elif self.method == STOCHASTIC and self.phase != TRAIN:
+            total = self._work.get("total", dy.shape, dy.dtype)
+            self._spread(dy / total, self._work.get("output", dy.shape, dy.dtype), dx)
+        elif self.method == MAX and self.whole:
+            dx.fill(0)
+            flat = dx.reshape(*dx.shape[:2], -1)
+            keep = self.whole_argmax >= 0
+            np.put_along_axis(flat, np.where(keep, self.whole_argmax, 0)[..., None],
+                              np.where(keep, dy[..., 0, 0], 0)[..., None], -1)
+        else:
+            self._route_to_argmax(dy, dx)
+
+    def _route_to_argmax(self, dy: np.ndarray, dx: np.ndarray) -> None:
+        """Add each top diff to its argmax cell: one ``np.add.at`` over flat indices, which
+        accumulates repeated cells (overlapping windows) in Caffe's output order."""
+        if self._base is None or self._base.shape != dy.shape:
+            n, c, h, w = dx.shape
+            planes = (np.arange(n * c, dtype=np.int64) * (h * w)).reshape(n, c, 1, 1)
+            self._base = planes + self.plane_index
+        argmax = self._work.get("argmax", dy.shape, self.index_dtype)
+        index = self._work.get("index", dy.shape, np.int64)
+        np.take(self.offset_index, argmax, out=index)
+        index += self._base
+        dx.fill(0)
+        if self.complete:
+            np.add.at(dx.reshape(-1), index.reshape(-1), dy.reshape(-1))
+        else:
+            keep = argmax != 0
+            np.add.at(dx.reshape(-1), index[keep], dy[keep])
+
+    def _spread(self, scaled: np.ndarray, y: np.ndarray | None, dx: np.ndarray) -> None:
+        """Add ``scaled`` (AVE) or ``scaled * (2x - y)`` (STOCHASTIC TEST) to every cell of each
+        window, in phase planes, then write the in-image cells to ``dx``."""
+        shape = phase_planes_shape(dx.shape[:2], self.axes)
+        dplanes = self._work.get("dplanes", shape, dx.dtype)
+        dplanes.fill(0)
+        planes = self._work.get("planes0", shape, dx.dtype) if y is not None else None
+        for offset in self.offsets:
+            target = phase_view(dplanes, offset, self.axes)
+            if y is None:
+                np.add(target, scaled, out=target)
+            else:
+                target += scaled * (2 * phase_view(planes, offset, self.axes) - y)
+        if not self.covers_input:
+            dx.fill(0)
+        from_phase_planes(dplanes, self.axes, dx)

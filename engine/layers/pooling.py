@@ -155,8 +155,8 @@ class Pooling(Layer):
         if self.method == MAX:
             if self.whole:
                 self._max_whole(x, y)
-            else:
-                self._max(x, y)
+            else:  # the argmax is needed by TRAIN backward and the mask top
+                self._max(x, y, track=self.phase == TRAIN or len(top) > 1)
             if len(top) > 1:
                 self._write_mask(top[1].data)
         elif self.method == AVE:
@@ -186,12 +186,17 @@ class Pooling(Layer):
         argmax.fill(0)
         return argmax, self._work.get("candidate", shape, self.index_dtype)
 
-    def _max(self, x: np.ndarray, y: np.ndarray) -> None:
+    def _max(self, x: np.ndarray, y: np.ndarray, track: bool) -> None:
         """Running max with strict ``>``; argmax keeps the (1-based) offset of the first max."""
         planes = self._planes(x, -FLT_MAX)
+        y.fill(-FLT_MAX)
+        self.tracked = track
+        if not track:
+            for offset in self.offsets:
+                np.fmax(y, phase_view(planes, offset, self.axes), out=y)
+            return
         argmax, candidate = self._index_buffers(y.shape)
         greater = self._work.get("greater", y.shape, np.bool_)
-        y.fill(-FLT_MAX)
         for n, offset in enumerate(self.offsets, 1):
             view = phase_view(planes, offset, self.axes)
             np.greater(view, y, out=greater)
@@ -276,6 +281,8 @@ class Pooling(Layer):
             np.put_along_axis(flat, np.where(keep, self.whole_argmax, 0)[..., None],
                               np.where(keep, dy[..., 0, 0], 0)[..., None], -1)
         else:
+            if self.method == MAX and not self.tracked:  # a TEST forward skipped the argmax
+                self._max(bottom[0].data, self._work.get("rerun", dy.shape, dy.dtype), True)
             self._route_to_argmax(dy, dx)
 
     def _route_to_argmax(self, dy: np.ndarray, dx: np.ndarray) -> None:

@@ -291,3 +291,14 @@ def test_bad_parameters(params, n_top, message):
 def test_bottom_must_be_4d():
     with pytest.raises(LayerError, match="4 axes"):
         pool("pool: MAX kernel_size: 2", random_blob((2, 3, 5)))
+
+
+def test_max_test_phase_backward_recovers_the_argmax():
+    x = blob_of(np.random.default_rng(4).integers(0, 3, (2, 3, 7, 6)))
+    layer, top = pool("pool: MAX kernel_size: 3 stride: 2 pad: 1", x, phase=TEST)
+    layer.forward([x], top)
+    expected, mask = caffe_max(x.data, (3, 3), (2, 2), (1, 1))
+    np.testing.assert_array_equal(top[0].data, expected)
+    top[0].diff[...] = np.arange(top[0].count).reshape(top[0].shape)
+    layer.backward(top, [True], [x])
+    np.testing.assert_array_equal(x.diff, caffe_max_backward(top[0].diff, mask, x.shape))

@@ -334,40 +334,73 @@ class PoolAxis:
         return slice(lo, hi), slice(first, first + s * (hi - lo - 1) + 1, s)
 
 
-def _phase_pairs(axes: Sequence[PoolAxis]) -> Iterator[tuple[tuple[int, ...], tuple, tuple]]:
-    """(phase, plane slices, input slices) for every phase with cells inside the input."""
-    for phase in itertools.product(*(range(a.phases) for a in axes)):
-        cells = [a.plane_cells(ph) for a, ph in zip(axes, phase, strict=True)]
-        if all(cells):
-            yield phase, tuple(c[0] for c in cells), tuple(c[1] for c in cells)
+@dataclass(frozen=True)
+class PhasePlanes:
+    """Phase planes of ``lead``-shaped stacks of 2-d (or n-d) maps, pooled along ``axes``.
 
-
-def phase_planes_shape(lead: Sequence[int], axes: Sequence[PoolAxis]) -> tuple[int, ...]:
-    """Shape of the phase-plane buffer: (*phases, *lead, *plane_len)."""
-    return (*(a.phases for a in axes), *lead, *(a.plane_len for a in axes))
-
-
-def to_phase_planes(x: np.ndarray, axes: Sequence[PoolAxis], planes: np.ndarray) -> None:
-    """``planes[a, b, ..., u, v] = x[..., a + s*u - pad, b + s*v - pad]`` wherever that cell
-    exists; the other plane cells (padding, ceil overhang) are left as they are."""
-    lead = (slice(None),) * (x.ndim - len(axes))
-    for phase, plane_slices, input_slices in _phase_pairs(axes):
-        np.copyto(planes[(*phase, *lead, *plane_slices)], x[(*lead, *input_slices)])
-
-
-def from_phase_planes(planes: np.ndarray, axes: Sequence[PoolAxis], x: np.ndarray) -> None:
-    """The inverse of ``to_phase_planes``: write the input cells of ``planes`` into ``x``.
-
-    Cells that no window reads (stride > kernel) are not written.
+    The buffer holds, per phase, every map's plane flattened into one run, plus slack. A window
+    offset is then a *flat shift* of its phase's run, so each offset's view is one contiguous
+    1-d array (numpy's fastest loop) of the *wide* shape ``(*lead, *plane_len)``: the real
+    outputs are its leading ``out`` cells per axis (``narrow``); the rest is scratch.
     """
-    lead = (slice(None),) * (x.ndim - len(axes))
-    for phase, plane_slices, input_slices in _phase_pairs(axes):
-        np.copyto(x[(*lead, *input_slices)], planes[(*phase, *lead, *plane_slices)])
 
+    lead: tuple[int, ...]
+    axes: tuple[PoolAxis, ...]
 
-def phase_view(planes: np.ndarray, offset: Sequence[int], axes: Sequence[PoolAxis]) -> np.ndarray:
-    """The contiguous-row view of ``planes`` holding, for every window, its cell at ``offset``."""
-    phase = tuple(o % a.stride for o, a in zip(offset, axes, strict=True))
-    shifts = tuple(slice(o // a.stride, o // a.stride + a.out)
-                   for o, a in zip(offset, axes, strict=True))
-    return planes[(*phase, Ellipsis, *shifts)]
+    @property
+    def wide_shape(self) -> tuple[int, ...]:
+        return (*self.lead, *(a.plane_len for a in self.axes))
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The buffer: (*phases, wide cells + slack for the largest shift)."""
+        return (*(a.phases for a in self.axes), math.prod(self.wide_shape) + self._shift(
+            [a.kernel - 1 for a in self.axes]))
+
+    def _shift(self, offset: Sequence[int]) -> int:
+        shift, row = 0, 1
+        for o, a in zip(reversed(offset), reversed(self.axes), strict=True):
+            shift += (o // a.stride) * row
+            row *= a.plane_len
+        return shift
+
+    def narrow(self, wide: np.ndarray) -> np.ndarray:
+        """The real outputs of a wide array."""
+        return wide[(Ellipsis, *(slice(0, a.out) for a in self.axes))]
+
+    def grid(self, planes: np.ndarray) -> np.ndarray:
+        """The planes as (*phases, *lead, *plane_len), without the slack."""
+        phases = planes.shape[:len(self.axes)]
+        return planes[..., :math.prod(self.wide_shape)].reshape(*phases, *self.wide_shape)
+
+    def view(self, planes: np.ndarray, offset: Sequence[int]) -> np.ndarray:
+        """For every window, its cell at kernel ``offset``: a contiguous wide-shaped view."""
+        phase = tuple(o % a.stride for o, a in zip(offset, self.axes, strict=True))
+        start = self._shift(offset)
+        return planes[phase][start:start + math.prod(self.wide_shape)].reshape(self.wide_shape)
+
+    def _pairs(self) -> Iterator[tuple[tuple[int, ...], tuple, tuple]]:
+        """(phase, plane slices, input slices) for every phase with cells inside the input."""
+        for phase in itertools.product(*(range(a.phases) for a in self.axes)):
+            cells = [a.plane_cells(ph) for a, ph in zip(self.axes, phase, strict=True)]
+            if all(cells):
+                yield phase, tuple(c[0] for c in cells), tuple(c[1] for c in cells)
+
+    def load(self, x: np.ndarray, planes: np.ndarray) -> None:
+        """Copy the input ``x`` (*lead, *spatial) into its plane cells; the other cells
+        (padding, ceil overhang, scratch) keep what they hold."""
+        grid, lead = self.grid(planes), (slice(None),) * len(self.lead)
+        for phase, plane_slices, input_slices in self._pairs():
+            np.copyto(grid[(*phase, *lead, *plane_slices)], x[(*lead, *input_slices)])
+
+    def store(self, planes: np.ndarray, x: np.ndarray) -> None:
+        """The inverse of ``load``: write the plane cells that are input cells into ``x``
+        (input cells that no phase holds, when stride > kernel, are not written)."""
+        grid, lead = self.grid(planes), (slice(None),) * len(self.lead)
+        for phase, plane_slices, input_slices in self._pairs():
+            np.copyto(x[(*lead, *input_slices)], grid[(*phase, *lead, *plane_slices)])
+
+    def covers_input(self) -> bool:
+        """Whether every input cell lies in some phase plane (``store`` writes all of ``x``)."""
+        return all(sum(c[0].stop - c[0].start for c in map(a.plane_cells, range(a.phases))
+                       if c is not None) == a.size for a in self.axes)

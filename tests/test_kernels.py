@@ -9,6 +9,7 @@ import pytest
 
 from engine.kernels import (
     ConvGeometry,
+    PhasePlanes,
     PoolAxis,
     Workspace,
     col2im_add,
@@ -16,15 +17,11 @@ from engine.kernels import (
     conv_backward_params,
     conv_forward,
     conv_out_size,
-    from_phase_planes,
     im2col_nhwc,
     kernel_offsets,
     nhwc_buffer,
     pad_to_nhwc,
-    phase_planes_shape,
-    phase_view,
     pool_out_size,
-    to_phase_planes,
 )
 
 
@@ -151,24 +148,29 @@ def test_conv_kernels_agree_with_im2col_gemm(shape, o, geom):
     (7, 3, 2, 0, True), (7, 2, 2, 1, True), (6, 3, 2, 1, False), (8, 2, 3, 0, True),
     (5, 3, 1, 1, True), (9, 4, 2, 3, True),
 ])
-def test_phase_planes_round_trip(size, kernel, stride, pad, round_up):
+def test_phase_planes_views_and_round_trip(size, kernel, stride, pad, round_up):
     axis = PoolAxis(size, kernel, stride, pad, pool_out_size(size, kernel, pad, stride, round_up))
-    axes = (axis, axis)
+    grid = PhasePlanes((2, 3), (axis, axis))
     x = np.random.default_rng(2).standard_normal((2, 3, size, size))
-    planes = np.full(phase_planes_shape((2, 3), axes), np.nan)
-    to_phase_planes(x, axes, planes)
+    planes = np.full(grid.shape, np.nan)
+    grid.load(x, planes)
     for offset in kernel_offsets((kernel, kernel)):
-        view = phase_view(planes, offset, axes)
-        assert view.shape == (2, 3, axis.out, axis.out)
+        view = grid.view(planes, offset)
+        assert view.shape == grid.wide_shape and view.flags.c_contiguous
+        view = grid.narrow(view)
         for ph, pw in itertools.product(range(axis.out), repeat=2):
             h, w = ph * stride - pad + offset[0], pw * stride - pad + offset[1]
-            inside = 0 <= h < size and 0 <= w < size
-            assert (view[0, 0, ph, pw] == x[0, 0, h, w]) if inside else \
-                np.isnan(view[0, 0, ph, pw])
-    back = np.zeros_like(x)
-    from_phase_planes(planes, axes, back)
+            if 0 <= h < size and 0 <= w < size:
+                assert view[1, 2, ph, pw] == x[1, 2, h, w]
+            else:
+                assert np.isnan(view[1, 2, ph, pw])
+    back = np.full_like(x, np.nan)
+    grid.store(planes, back)
     in_windows = np.zeros(size, bool)
     for ph in range(axis.out):
         in_windows[max(ph * stride - pad, 0):max(ph * stride - pad + kernel, 0)] = True
     mask = np.logical_and.outer(in_windows, in_windows)
     np.testing.assert_array_equal(back[..., mask], x[..., mask])
+    written = ~np.isnan(back)
+    np.testing.assert_array_equal(back[written], x[written])
+    assert grid.covers_input() == written.all()

@@ -9,16 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from engine.blob import Blob
-from engine.kernels import (
-    PoolAxis,
-    Workspace,
-    from_phase_planes,
-    kernel_offsets,
-    phase_planes_shape,
-    phase_view,
-    pool_out_size,
-    to_phase_planes,
-)
+from engine.kernels import PhasePlanes, PoolAxis, Workspace, kernel_offsets, pool_out_size
 from engine.layer import TRAIN, Layer, register_layer
 
 MAX, AVE, STOCHASTIC = 0, 1, 2  # PoolingParameter.PoolMethod
@@ -120,13 +111,14 @@ class Pooling(Layer):
     def _set_geometry(self, shape: tuple[int, ...], kernel: Sequence[int],
                       out: tuple[int, ...], dtype: np.dtype) -> None:
         """Everything that depends only on the shapes, computed once per bottom shape."""
-        self.axes = tuple(PoolAxis(n, k, s, p, o) for n, k, s, p, o in
-                          zip(shape[2:], kernel, self.stride, self.pad, out, strict=True))
-        ah, aw = self.axes
+        axes = tuple(PoolAxis(n, k, s, p, o) for n, k, s, p, o in
+                     zip(shape[2:], kernel, self.stride, self.pad, out, strict=True))
+        self.planes = PhasePlanes(shape[:2], axes)
         self.offsets = list(kernel_offsets(kernel))
         # the whole input is one window: reductions beat a loop over kernel offsets
         self.whole = out == (1, 1) and self.pad == (0, 0) and \
             kernel[0] >= shape[2] and kernel[1] >= shape[3]
+        ah, aw = axes
         hs, ws = ah.starts(), aw.starts()
         size_h = np.minimum(hs + ah.kernel, ah.size + ah.pad) - hs
         size_w = np.minimum(ws + aw.kernel, aw.size + aw.pad) - ws
@@ -138,17 +130,20 @@ class Pooling(Layer):
         self.offset_index = np.array([0, *rel], np.int64)  # argmax 0 means "no cell"
         n_idx = len(self.offsets) + 1
         self.index_dtype = np.uint8 if n_idx < 256 else np.uint16 if n_idx < 65536 else np.uint32
-        covered = [sum(0 if c is None else c[0].stop - c[0].start
-                       for c in (a.plane_cells(ph) for ph in range(a.phases))) for a in self.axes]
-        self.covers_input = covered == [ah.size, aw.size]  # else some cells are in no window
         self._base: np.ndarray | None = None
 
     # -- forward ---------------------------------------------------------------------------------
-    def _planes(self, x: np.ndarray, fill: float) -> np.ndarray:
-        shape = phase_planes_shape(x.shape[:2], self.axes)
-        planes = self._work.get(f"planes{fill}", shape, x.dtype, fill=fill)
-        to_phase_planes(x, self.axes, planes)
+    def _load(self, x: np.ndarray, fill: float) -> np.ndarray:
+        """The phase planes of ``x``; cells outside the input hold ``fill``."""
+        planes = self._work.get(f"planes{fill}", self.planes.shape, x.dtype, fill=fill)
+        self.planes.load(x, planes)
         return planes
+
+    def _wide(self, name: str, dtype: np.dtype | type, fill: float | None = None) -> np.ndarray:
+        return self._work.get(name, self.planes.wide_shape, dtype, fill)
+
+    def _views(self, planes: np.ndarray):
+        return (self.planes.view(planes, offset) for offset in self.offsets)
 
     def forward(self, bottom: list[Blob], top: list[Blob]) -> None:
         x, y = bottom[0].data, top[0].data
@@ -163,48 +158,55 @@ class Pooling(Layer):
             if self.whole:
                 np.divide(x.sum(axis=(2, 3), keepdims=True), self.divisor, out=y)
             else:
-                self._sum_views(self._planes(x, 0), y)
-                np.divide(y, self.divisor, out=y)
+                total = self._sum_views(self._load(x, 0), "total")
+                np.divide(self.planes.narrow(total), self.divisor, out=y)
         elif self.phase == TRAIN:
             self._stochastic_train(x, y)
         else:
             self._stochastic_test(x, y)
 
-    def _sum_views(self, planes: np.ndarray, out: np.ndarray, square: bool = False) -> None:
-        """``out`` = the sum over each window, cell by cell in row-major order (as Caffe)."""
-        for n, offset in enumerate(self.offsets):
-            view = phase_view(planes, offset, self.axes)
+    def _sum_views(self, planes: np.ndarray, name: str, square: bool = False) -> np.ndarray:
+        """The sum over each window (wide), cell by cell in row-major order as Caffe adds."""
+        total = self._wide(name, planes.dtype)
+        for n, view in enumerate(self._views(planes)):
             if square:
                 view = view * view
             if n == 0:
-                np.copyto(out, view)
+                np.copyto(total, view)
             else:
-                np.add(out, view, out=out)
+                np.add(total, view, out=total)
+        return total
 
-    def _index_buffers(self, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
-        argmax = self._work.get("argmax", shape, self.index_dtype)
+    def _index_buffers(self) -> tuple[np.ndarray, np.ndarray]:
+        argmax = self._wide("argmax", self.index_dtype)
         argmax.fill(0)
-        return argmax, self._work.get("candidate", shape, self.index_dtype)
+        return argmax, self._wide("candidate", self.index_dtype)
+
+    def _argmax(self) -> np.ndarray:
+        """The (1-based) kernel offset of each output's chosen cell; 0 for none."""
+        return self.planes.narrow(self._wide("argmax", self.index_dtype))
 
     def _max(self, x: np.ndarray, y: np.ndarray, track: bool) -> None:
         """Running max with strict ``>``; argmax keeps the (1-based) offset of the first max."""
-        planes = self._planes(x, -FLT_MAX)
-        y.fill(-FLT_MAX)
+        planes = self._load(x, -FLT_MAX)
+        best = self._wide("best", x.dtype)
+        best.fill(-FLT_MAX)
         self.tracked = track
         if not track:
-            for offset in self.offsets:
-                np.fmax(y, phase_view(planes, offset, self.axes), out=y)
+            for view in self._views(planes):
+                np.fmax(best, view, out=best)
+            np.copyto(y, self.planes.narrow(best))
             return
-        argmax, candidate = self._index_buffers(y.shape)
-        greater = self._work.get("greater", y.shape, np.bool_)
-        for n, offset in enumerate(self.offsets, 1):
-            view = phase_view(planes, offset, self.axes)
-            np.greater(view, y, out=greater)
-            np.fmax(y, view, out=y)  # fmax: a NaN never wins, as with Caffe's ``>``
+        argmax, candidate = self._index_buffers()
+        greater = self._wide("greater", np.bool_)
+        for n, view in enumerate(self._views(planes), 1):
+            np.greater(view, best, out=greater)
+            np.fmax(best, view, out=best)  # fmax: a NaN never wins, as with Caffe's ``>``
             # offsets only increase, so the last one that beat the running max is the max
             np.multiply(greater.view(np.uint8), self.index_dtype(n), out=candidate)
             np.maximum(argmax, candidate, out=argmax)
-        self.complete = bool(argmax.all())
+        np.copyto(y, self.planes.narrow(best))
+        self.complete = bool(self._argmax().all())
 
     def _max_whole(self, x: np.ndarray, y: np.ndarray) -> None:
         flat = x.reshape(*x.shape[:2], -1)
@@ -220,7 +222,7 @@ class Pooling(Layer):
         if self.whole:
             np.copyto(mask[..., 0, 0], self.whole_argmax)
             return
-        argmax = self._work.get("argmax", mask.shape, self.index_dtype)
+        argmax = self._argmax()
         index = np.take(self.offset_index, argmax) + self.plane_index
         if not self.complete:
             index[argmax == 0] = -1
@@ -228,38 +230,41 @@ class Pooling(Layer):
 
     def _stochastic_train(self, x: np.ndarray, y: np.ndarray) -> None:
         """Pick the first cell whose running sum reaches ``u * sum`` (u uniform in [0, 1))."""
-        planes = self._planes(x, 0)
-        total = self._work.get("total", y.shape, x.dtype)
-        self._sum_views(planes, total)
-        threshold = self.rng.random(y.shape, dtype=x.dtype)
-        threshold *= total
-        running, found = np.zeros_like(y), np.zeros(y.shape, np.bool_)
-        reached = np.empty(y.shape, np.bool_)
-        argmax, candidate = self._index_buffers(y.shape)
-        y.fill(0)
-        for n, offset in enumerate(self.offsets, 1):
-            view = phase_view(planes, offset, self.axes)
+        planes = self._load(x, 0)
+        total = self._sum_views(planes, "total")
+        threshold = self._wide("threshold", x.dtype, fill=0)
+        narrow = self.planes.narrow
+        np.multiply(self.rng.random(y.shape, dtype=x.dtype), narrow(total), out=narrow(threshold))
+        running, chosen = self._wide("running", x.dtype), self._wide("chosen", x.dtype)
+        running.fill(0)
+        chosen.fill(0)
+        found, reached = self._wide("found", np.bool_), self._wide("reached", np.bool_)
+        found.fill(False)
+        argmax, candidate = self._index_buffers()
+        for n, view in enumerate(self._views(planes), 1):
             running += view
             np.greater_equal(running, threshold, out=reached)
             np.greater(reached, found, out=reached)  # reached now, not before
             found |= reached
-            np.copyto(y, view, where=reached)
+            np.copyto(chosen, view, where=reached)
             np.multiply(reached.view(np.uint8), self.index_dtype(n), out=candidate)
             np.maximum(argmax, candidate, out=argmax)
+        np.copyto(y, narrow(chosen))
         if self.empty.any():
-            argmax[..., self.empty] = 0
+            self._argmax()[..., self.empty] = 0
             y[..., self.empty] = 0
-        self.complete = bool(argmax.all())
+        self.complete = bool(self._argmax().all())
 
     def _stochastic_test(self, x: np.ndarray, y: np.ndarray) -> None:
-        planes = self._planes(x, 0)
-        total = self._work.get("total", y.shape, x.dtype)
+        planes = self._load(x, 0)
+        total = self._wide("total", x.dtype)
         total.fill(FLT_MIN)  # Caffe starts the sum at FLT_MIN to avoid 0/0
-        for offset in self.offsets:
-            np.add(total, phase_view(planes, offset, self.axes), out=total)
-        self._sum_views(planes, y, square=True)
-        np.divide(y, total, out=y)
-        np.copyto(self._work.get("output", y.shape, y.dtype), y)  # top may be changed in place
+        for view in self._views(planes):
+            np.add(total, view, out=total)
+        squares = self._sum_views(planes, "squares", square=True)
+        np.divide(self.planes.narrow(squares), self.planes.narrow(total), out=y)
+        # backward needs the output; the top may be changed in place by then
+        np.copyto(self.planes.narrow(self._wide("output", y.dtype, fill=0)), y)
 
     # -- backward --------------------------------------------------------------------------------
     def backward(self, top: list[Blob], propagate_down: Sequence[bool],
@@ -270,10 +275,10 @@ class Pooling(Layer):
         if self.method == AVE and self.whole:
             np.copyto(dx, dy / self.divisor)
         elif self.method == AVE:
-            self._spread(dy / self.divisor, None, dx)
+            self._spread(dy, self.divisor, dx)
         elif self.method == STOCHASTIC and self.phase != TRAIN:
-            total = self._work.get("total", dy.shape, dy.dtype)
-            self._spread(dy / total, self._work.get("output", dy.shape, dy.dtype), dx)
+            self._spread(dy, self.planes.narrow(self._wide("total", dy.dtype)), dx,
+                         self._wide("output", dy.dtype, fill=0))
         elif self.method == MAX and self.whole:
             dx.fill(0)
             flat = dx.reshape(*dx.shape[:2], -1)
@@ -292,7 +297,7 @@ class Pooling(Layer):
             n, c, h, w = dx.shape
             planes = (np.arange(n * c, dtype=np.int64) * (h * w)).reshape(n, c, 1, 1)
             self._base = planes + self.plane_index
-        argmax = self._work.get("argmax", dy.shape, self.index_dtype)
+        argmax = self._argmax()
         index = self._work.get("index", dy.shape, np.int64)
         np.take(self.offset_index, argmax, out=index)
         index += self._base
@@ -303,19 +308,21 @@ class Pooling(Layer):
             keep = argmax != 0
             np.add.at(dx.reshape(-1), index[keep], dy[keep])
 
-    def _spread(self, scaled: np.ndarray, y: np.ndarray | None, dx: np.ndarray) -> None:
-        """Add ``scaled`` (AVE) or ``scaled * (2x - y)`` (STOCHASTIC TEST) to every cell of each
-        window, in phase planes, then write the in-image cells to ``dx``."""
-        shape = phase_planes_shape(dx.shape[:2], self.axes)
-        dplanes = self._work.get("dplanes", shape, dx.dtype)
+    def _spread(self, dy: np.ndarray, divisor: np.ndarray, dx: np.ndarray,
+                y: np.ndarray | None = None) -> None:
+        """Add ``dy / divisor`` (AVE) or ``dy / divisor * (2x - y)`` (STOCHASTIC TEST, y wide)
+        to every cell of each window, in phase planes, then write the input cells to ``dx``."""
+        scaled = self._wide("scaled", dy.dtype, fill=0)  # zero outside the real outputs
+        np.divide(dy, divisor, out=self.planes.narrow(scaled))
+        dplanes = self._work.get("dplanes", self.planes.shape, dy.dtype)
         dplanes.fill(0)
-        planes = self._work.get("planes0", shape, dx.dtype) if y is not None else None
-        for offset in self.offsets:
-            target = phase_view(dplanes, offset, self.axes)
-            if y is None:
+        inputs = self._views(self._work.get("planes0", self.planes.shape, dy.dtype)) \
+            if y is not None else None
+        for target in self._views(dplanes):
+            if inputs is None:
                 np.add(target, scaled, out=target)
             else:
-                target += scaled * (2 * phase_view(planes, offset, self.axes) - y)
-        if not self.covers_input:
+                target += scaled * (2 * next(inputs) - y)
+        if not self.planes.covers_input():
             dx.fill(0)
-        from_phase_planes(dplanes, self.axes, dx)
+        self.planes.store(dplanes, dx)

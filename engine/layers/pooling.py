@@ -246,7 +246,7 @@ class Pooling(Layer):
             np.greater_equal(running, threshold, out=reached)
             np.greater(reached, found, out=reached)  # reached now, not before
             found |= reached
-            np.copyto(chosen, view, where=reached)
+            chosen += view * reached  # a masked copy is slower with scattered masks
             np.multiply(reached.view(np.uint8), self.index_dtype(n), out=candidate)
             np.maximum(argmax, candidate, out=argmax)
         np.copyto(y, narrow(chosen))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import blob_of, make_layer, random_blob
+from layer_helpers import blob_of, make_layer, random_blob
 
 from engine.errors import LayerError
 

@@ -12,7 +12,7 @@ import logging
 import h5py
 import numpy as np
 import pytest
-from conftest import make_layer
+from layer_helpers import make_layer
 
 from engine.blob import Blob
 from engine.data import array_to_datum, write_lmdb, write_mean
@@ -539,7 +539,7 @@ def test_memory_data_in_float32():
 
 
 def test_blob_counts():
-    from conftest import layer_param
+    from layer_helpers import layer_param
 
     from engine.layer import LAYERS
 

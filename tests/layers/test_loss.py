@@ -6,8 +6,8 @@ import math
 
 import numpy as np
 import pytest
-from conftest import blob_of, make_layer, random_blob
 from gradcheck import check_gradient
+from layer_helpers import blob_of, make_layer, random_blob
 
 from engine.errors import LayerError
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import blob_of, layer_param, make_layer, random_blob
 from gradcheck import check_gradient
+from layer_helpers import blob_of, layer_param, make_layer, random_blob
 
 from engine.blob import Blob
 from engine.errors import LayerError

@@ -9,7 +9,7 @@ import signal
 
 import numpy as np
 import pytest
-from conftest import LS_X, LS_Y, feed, ls_net, params_of
+from solver_nets import LS_X, LS_Y, feed, ls_net, params_of
 
 from engine.errors import SolverError
 from solvers import get_solver

@@ -10,7 +10,7 @@ import logging
 
 import numpy as np
 import pytest
-from conftest import LS_X, ls_gradients, ls_net, params_of
+from solver_nets import LS_X, ls_gradients, ls_net, params_of
 
 LR = 0.01
 

@@ -125,7 +125,8 @@ class Net:
         except (ValueError, IndexError, TypeError) as exc:
             raise layer.error(f"could not be set up: {exc}") from exc
         for name, blob in zip(top_names, top, strict=True):
-            log.info("Top shape: %s (%d) [%s]", " ".join(map(str, blob.shape)), blob.count, name)
+            dims = "".join(f"{d} " for d in blob.shape)  # Caffe's shape_string: "64 20 24 24 "
+            log.info("Top shape: %s(%d) [%s]", dims, blob.count, name)
         self.loss_weights.append(self._loss_weights(layer, layer_param, top))
         layer_need = any(self._blob_need_backward.get(n, False) for n in layer_param.bottom)
         layer_need |= self._append_params(index, layer, layer_param)

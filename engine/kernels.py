@@ -236,19 +236,29 @@ def conv_backward_params(dy: np.ndarray, matrix: np.ndarray, geom: ConvGeometry,
                          bias_diff: np.ndarray | None) -> None:
     """Accumulate (+=) the weight and bias gradients given ``dy`` (N, O, *out) and the column
     matrices of the forward input; either diff may be None (not wanted)."""
-    n, o = dy.shape[:2]
-    dyt = ws.get("dy_t", (o, n, math.prod(dy.shape[2:])), dy.dtype)
-    np.copyto(dyt, dy.reshape(n, o, -1).transpose(1, 0, 2))
-    dyt = dyt.reshape(o, -1)  # (O, N*P)
-    if bias_diff is not None:  # a GEMV against ones, as Caffe does
-        bias_diff += dyt @ ws.get("ones", (dyt.shape[1],), dy.dtype, fill=1)
+    n, o, p = dy.shape[0], dy.shape[1], math.prod(dy.shape[2:])
+    group, og = geom.group, o // geom.group
+    dw = np.empty((group, og, matrix.shape[2]), dy.dtype)
+    if geom.channels_last(matrix.shape[2] // math.prod(geom.kernel) * group):
+        dyt = ws.get("dy_t", (o, n, p), dy.dtype)  # one GEMM over the batch needs dy as (O, N*P)
+        np.copyto(dyt, dy.reshape(n, o, p).transpose(1, 0, 2))
+        dyt = dyt.reshape(o, -1)
+        if bias_diff is not None:  # a GEMV against ones, as Caffe does
+            bias_diff += dyt @ ws.get("ones", (n * p,), dy.dtype, fill=1)
+        if weight_diff is not None:
+            for g in range(group):
+                np.matmul(dyt[g * og:(g + 1) * og], matrix[g], out=dw[g])
+    else:  # columns stored (K, N, P): per-sample GEMMs read dy as it is (measured faster)
+        dy = dy.reshape(n, o, p)
+        if bias_diff is not None:
+            bias_diff += (dy @ ws.get("ones", (p,), dy.dtype, fill=1)).sum(axis=0)
+        if weight_diff is not None:
+            columns = matrix.transpose(0, 2, 1).reshape(group, -1, n, p)
+            for g in range(group):
+                per_sample = np.matmul(dy[:, g * og:(g + 1) * og], columns[g].transpose(1, 2, 0))
+                per_sample.sum(axis=0, out=dw[g])
     if weight_diff is not None:
-        og = o // geom.group
-        dw = np.empty((geom.group, og, matrix.shape[2]), dy.dtype)
-        for g in range(geom.group):
-            np.matmul(dyt[g * og:(g + 1) * og], matrix[g], out=dw[g])
-        dw = dw.reshape(o, *geom.kernel, -1)
-        weight_diff += np.moveaxis(dw, -1, 1)
+        weight_diff += np.moveaxis(dw.reshape(o, *geom.kernel, -1), -1, 1)
 
 
 def conv_backward_data(dy: np.ndarray, weight: np.ndarray, geom: ConvGeometry, ws: Workspace,

@@ -2,12 +2,15 @@
 
 from engine.layers import (  # noqa: F401
     accuracy,
+    activation,
     convolution,
     data,
     inner_product,
     loss,
     neuron,
+    normalization,
     pooling,
+    scale,
     softmax,
     structural,
 )

@@ -346,3 +346,36 @@ def test_mvn_shape_and_dtype(dtype):
     layer.backward(top, [True], [bottom])
     assert top[0].shape == (2, 3, 4, 5)
     assert top[0].data.dtype == bottom.diff.dtype == dtype
+
+
+def test_resnet_style_in_place_chain_gradient():
+    # conv-free ResNet block tail: BatchNorm, Scale and PReLU all in place on one blob
+    text = """
+      force_backward: true
+      layer { name: "in" type: "Input" top: "x" top: "t"
+              input_param { shape { dim: 4 dim: 3 dim: 2 } shape { dim: 4 dim: 3 dim: 2 } } }
+      layer { name: "ip" type: "Power" bottom: "x" top: "h" power_param { scale: 1.5 } }
+      layer { name: "bn" type: "BatchNorm" bottom: "h" top: "h" }
+      layer { name: "sc" type: "Scale" bottom: "h" top: "h" scale_param { bias_term: true
+              filler { type: "uniform" min: 0.5 max: 2 } bias_filler { type: "uniform" } } }
+      layer { name: "act" type: "PReLU" bottom: "h" top: "h" }
+      layer { name: "loss" type: "EuclideanLoss" bottom: "h" bottom: "t" top: "loss" }
+    """
+    net = Net(text_format.Parse(text, caffe_pb2.NetParameter()), engine.TRAIN,
+              rng=np.random.default_rng(0), dtype=np.float64)
+    rng = np.random.default_rng(1)
+    x, t = rng.standard_normal((4, 3, 2)), rng.standard_normal((4, 3, 2))
+
+    def loss(values: np.ndarray) -> float:
+        return float(net.forward(x=values, t=t)["loss"])
+
+    loss(x)
+    dx = net.backward()["x"].copy()
+    assert np.abs(dx).max() > 1e-2
+    step = 1e-5
+    for index in [(0, 0, 0), (1, 2, 1), (3, 1, 0), (2, 0, 1)]:
+        plus, minus = x.copy(), x.copy()
+        plus[index] += step
+        minus[index] -= step
+        numeric = (loss(plus) - loss(minus)) / (2 * step)
+        assert dx[index] == pytest.approx(numeric, rel=1e-5, abs=1e-8)

@@ -261,6 +261,26 @@ def conv_backward_params(dy: np.ndarray, matrix: np.ndarray, geom: ConvGeometry,
         weight_diff += np.moveaxis(dw.reshape(o, *geom.kernel, -1), -1, 1)
 
 
+def _dy_rows(dy: np.ndarray, geom: ConvGeometry, ws: Workspace, width: int) -> np.ndarray:
+    """For each group, the (N * prod(out[:-1]) * width, kernel[-1] * O/G) matrix whose row
+    (n, ..., w) holds the dy values that input column ``w`` meets along the last axis."""
+    n, o, out = dy.shape[0], dy.shape[1], dy.shape[2:]
+    k, s, p, d = geom.kernel[-1], geom.stride[-1], geom.pad[-1], geom.dilation[-1]
+    og, ext = o // geom.group, d * (k - 1)
+    # dy along the last axis at ext + stride*j, zeros elsewhere; wide enough for every tap.
+    wq = max((out[-1] - 1) * s + 1 + 2 * ext, width + p + ext)
+    dyq = ws.get("dy_stuffed", (n, *out[:-1], wq, o), dy.dtype, fill=0)
+    np.copyto(dyq[..., ext:ext + (out[-1] - 1) * s + 1:s, :], np.moveaxis(dy, 1, -1))
+    rows_shape = (n, *out[:-1], width, k, og)
+    rows = ws.get("dy_rows", (geom.group, *rows_shape), dy.dtype)
+    st = dyq.strides
+    for g in range(geom.group):
+        taps = as_strided(dyq[..., p:, g * og:(g + 1) * og], rows_shape,
+                          (*st[:-1], st[-2] * d, st[-1]), writeable=False)
+        np.copyto(rows[g], taps)
+    return rows.reshape(geom.group, -1, k * og)
+
+
 def conv_backward_data(dy: np.ndarray, weight: np.ndarray, geom: ConvGeometry, ws: Workspace,
                        dx: np.ndarray) -> None:
     """Write ``dx`` (N, C, *spatial), the input gradient given ``dy`` (N, O, *out).
@@ -275,27 +295,15 @@ def conv_backward_data(dy: np.ndarray, weight: np.ndarray, geom: ConvGeometry, w
     c, spatial = dx.shape[1], dx.shape[2:]
     k, s, p, d = geom.kernel, geom.stride, geom.pad, geom.dilation
     group, og, cg = geom.group, o // geom.group, c // geom.group
-    ext, width = d[-1] * (k[-1] - 1), spatial[-1]
-    # dy along the last axis at ext + stride*j, zeros elsewhere; wide enough for every tap.
-    wq = max((out[-1] - 1) * s[-1] + 1 + 2 * ext, width + p[-1] + ext)
-    dyq = ws.get("dy_stuffed", (n, *out[:-1], wq, o), dy.dtype, fill=0)
-    np.copyto(dyq[..., ext:ext + (out[-1] - 1) * s[-1] + 1:s[-1], :], np.moveaxis(dy, 1, -1))
-    rows_shape = (n, *out[:-1], width, k[-1], og)
-    rows = ws.get("dy_rows", (group, *rows_shape), dy.dtype)
-    st = dyq.strides
-    for g in range(group):
-        taps = as_strided(dyq[..., p[-1]:, g * og:(g + 1) * og], rows_shape,
-                          (*st[:-1], st[-2] * d[-1], st[-1]), writeable=False)
-        np.copyto(rows[g], taps)
-    rows = rows.reshape(group, -1, k[-1] * og)
+    rows = _dy_rows(dy, geom, ws, spatial[-1])
     # w_rows[g, t][(j', o), c] = weight[o, c, *offset_t, k-1-j'] (flipped last kernel axis)
     w = np.moveaxis(weight.reshape(group, og, cg, *k)[..., ::-1], (1, 2), (-2, -1))
     w_rows = w.reshape(group, -1, k[-1] * og, cg)
     lead_padded = tuple(ni + 2 * pi for ni, pi in zip(spatial[:-1], p[:-1], strict=True))
-    dxp = ws.get("dx_padded", (n, *lead_padded, width, c), dy.dtype)
+    dxp = ws.get("dx_padded", (n, *lead_padded, spatial[-1], c), dy.dtype)
     dxp.fill(0)
     product = ws.get("dx_rows", (rows.shape[1], cg), dy.dtype)
-    row_shape = (n, *out[:-1], width, cg)
+    row_shape = (n, *out[:-1], spatial[-1], cg)
     for g in range(group):
         for t, offset in enumerate(kernel_offsets(k[:-1])):
             np.matmul(rows[g], w_rows[g, t], out=product)

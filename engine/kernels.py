@@ -3,9 +3,9 @@ convolution forward and backward, and pooling's phase planes.
 
 Convolution works on *logical NHWC* arrays: axes ``(N, *spatial, C)`` with the channel last, so
 one im2col copy yields columns ordered (kernel offset..., channel). How such an array is *stored*
-is a separate choice (``nhwc_buffer``): channel-innermost is fastest with many channels,
-channel-outermost ``(C, N, *spatial)`` with one or a few (an image), because numpy's copies then
-move whole rows instead of a few values at a time. The functions here read only logical axes.
+is a separate choice (``nhwc_buffer``): channel-innermost ``(N, *spatial, C)`` or
+channel-outermost ``(C, N, *spatial)``, whichever lets numpy's im2col copy move longer contiguous
+runs (``ConvGeometry.channels_last``). The functions here read only logical axes.
 
 Numpy runs a strided elementwise loop several times slower than a contiguous one, so pooling
 first splits a strided input into *phase planes* (every ``stride``-th cell, one plane per phase),
@@ -21,9 +21,6 @@ from dataclasses import dataclass
 
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
-
-# Fewer input channels per group than this: store convolution buffers channel-outermost.
-CHANNELS_LAST_MIN = 8
 
 
 # -- sizes and offsets -------------------------------------------------------------------------
@@ -172,8 +169,13 @@ class ConvGeometry:
     def padded(self, spatial: Sequence[int]) -> tuple[int, ...]:
         return tuple(n + 2 * p for n, p in zip(spatial, self.pad, strict=True))
 
-    def channels_last(self, channels: int) -> bool:
-        return channels // self.group >= CHANNELS_LAST_MIN
+    def channels_last(self, channels: int, out_width: int) -> bool:
+        """Store im2col's input channel-innermost? Its copy then moves runs of kernel_w * C/G
+        values (C/G if dilated); channel-outermost, runs of one output row (one value if
+        strided). The longer runs win (measured crossovers: C=3-4 at 16x16, C=8 at 32x32)."""
+        last = channels // self.group * (self.kernel[-1] if self.dilation[-1] == 1 else 1)
+        first = out_width if self.stride[-1] == 1 else 1
+        return last >= first
 
 
 def weight_matrix(weight: np.ndarray, group: int) -> np.ndarray:
@@ -186,7 +188,7 @@ def conv_columns(x: np.ndarray, geom: ConvGeometry, ws: Workspace) -> np.ndarray
     built in ``ws`` from one padded logical-NHWC copy."""
     n, c, spatial = x.shape[0], x.shape[1], x.shape[2:]
     out, group, cg = geom.out_size(spatial), geom.group, c // geom.group
-    channels_last = geom.channels_last(c)
+    channels_last = geom.channels_last(c, out[-1])
     xp = ws.nhwc("padded", n, geom.padded(spatial), c, x.dtype, channels_last)
     pad_to_nhwc(x, geom.pad, xp)
     m, kg = n * math.prod(out), math.prod(geom.kernel) * cg
@@ -204,6 +206,11 @@ def conv_columns(x: np.ndarray, geom: ConvGeometry, ws: Workspace) -> np.ndarray
     return matrix
 
 
+def _channels_last(matrix: np.ndarray) -> bool:
+    """Whether ``conv_columns`` stored these column matrices channel-innermost (row-major)."""
+    return matrix.strides[-1] == matrix.itemsize
+
+
 def conv_forward(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None,
                  geom: ConvGeometry, ws: Workspace, out: np.ndarray) -> np.ndarray:
     """``out`` (N, O, *out) = convolution of ``x`` (N, C, *spatial); one GEMM per group over the
@@ -213,7 +220,7 @@ def conv_forward(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None,
     n, o, og = x.shape[0], weight.shape[0], weight.shape[0] // geom.group
     m = matrix.shape[1]
     # Each orientation is the one OpenBLAS runs fastest on that column layout.
-    if geom.channels_last(x.shape[1]):
+    if _channels_last(matrix):
         y = ws.get("y", (m, o), x.dtype)
         for g in range(geom.group):
             np.matmul(matrix[g], w[g].T, out=y[:, g * og:(g + 1) * og])
@@ -239,7 +246,7 @@ def conv_backward_params(dy: np.ndarray, matrix: np.ndarray, geom: ConvGeometry,
     n, o, p = dy.shape[0], dy.shape[1], math.prod(dy.shape[2:])
     group, og = geom.group, o // geom.group
     dw = np.empty((group, og, matrix.shape[2]), dy.dtype)
-    if geom.channels_last(matrix.shape[2] // math.prod(geom.kernel) * group):
+    if _channels_last(matrix):
         dyt = ws.get("dy_t", (o, n, p), dy.dtype)  # one GEMM over the batch needs dy as (O, N*P)
         np.copyto(dyt, dy.reshape(n, o, p).transpose(1, 0, 2))
         dyt = dyt.reshape(o, -1)

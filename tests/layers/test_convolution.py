@@ -11,7 +11,7 @@ from layer_helpers import blob_of, make_layer, random_blob
 
 from engine.blob import Blob
 from engine.errors import LayerError
-from engine.kernels import CHANNELS_LAST_MIN
+from engine.kernels import ConvGeometry
 
 
 def conv(params: str, bottoms: list[Blob], fillers: bool = True, **kwargs):
@@ -81,7 +81,7 @@ def test_default_fillers_are_zero():
     assert not layer.blobs[0].data.any() and not layer.blobs[1].data.any()
 
 
-# (bottom shape, convolution_param); channels cross CHANNELS_LAST_MIN so both layouts run
+# (bottom shape, convolution_param); both im2col storage orders occur (see the test below)
 FORWARD = [
     ((2, 3, 7, 6), "num_output: 4 kernel_size: 3"),
     ((2, 3, 7, 6), "num_output: 4 kernel_size: 3 pad: 2 stride: 2"),
@@ -95,6 +95,7 @@ FORWARD = [
     ((2, 8, 5, 6), "num_output: 5 kernel_h: 2 kernel_w: 3 bias_term: false"),
     ((2, 3, 11), "num_output: 2 kernel_size: 3 stride: 2 pad: 1 dilation: 2"),
     ((1, 2, 4, 5, 6), "num_output: 2 kernel_size: 2 stride: 1 stride: 2 stride: 2 pad: 1"),
+    ((2, 4, 3, 20), "num_output: 4 kernel_size: 3 group: 2 pad: 1"),
 ]
 
 
@@ -153,6 +154,8 @@ def test_float32_matches_float64():
 
 GRADIENT = [
     ((2, 3, 5, 4), "num_output: 2 kernel_size: 3 pad: 1"),
+    ((1, 2, 3, 12), "num_output: 2 kernel_size: 2 pad: 1"),
+    ((1, 2, 5, 14), "num_output: 2 kernel_size: 3 dilation: 2 group: 2 pad: 1"),
     ((2, 2, 6, 7), "num_output: 2 kernel_h: 3 kernel_w: 2 stride_h: 2 stride_w: 3 pad_h: 1 "
                    "pad_w: 2"),
     ((1, 2, 7, 7), "num_output: 2 kernel_size: 2 dilation: 2 stride: 2 pad: 1"),
@@ -221,8 +224,19 @@ def test_batch_size_change_reshapes():
     np.testing.assert_allclose(top[0].data, expected, atol=1e-12)
 
 
-def test_both_storage_layouts_are_exercised():
-    assert 2 < CHANNELS_LAST_MIN <= 8  # FORWARD/GRADIENT use 2-6 and 8-16 channels per group
+@pytest.mark.parametrize("table", [FORWARD, GRADIENT])
+def test_both_storage_layouts_are_exercised(table):
+    layouts = set()
+    for shape, params in table:
+        layer, top = conv(params, [random_blob(shape)])
+        layouts.add(layer.geom.channels_last(shape[1], top[0].shape[-1]))
+    assert layouts == {True, False}
+
+
+def test_storage_layout_follows_the_longer_copy_runs():
+    geom = ConvGeometry((5, 5), (1, 1), (2, 2), (1, 1))
+    assert not geom.channels_last(3, 32) and geom.channels_last(32, 16)
+    assert geom.channels_last(1, 4) and not geom.channels_last(1, 24)
 
 
 @pytest.mark.parametrize(("shape", "params", "message"), [

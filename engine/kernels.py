@@ -345,6 +345,13 @@ class PoolAxis:
         """Each window's first cell before clipping (Caffe's ``hstart``; may be negative)."""
         return np.arange(self.out) * self.stride - self.pad
 
+    def window_matrix(self) -> np.ndarray:
+        """(out, size) with a 1 where input cell ``i`` lies in window ``o`` (clipped to the
+        input), else 0."""
+        cells = np.arange(self.size)
+        starts = self.starts()[:, None]
+        return ((cells >= starts) & (cells < starts + self.kernel)).astype(np.float64)
+
     def plane_cells(self, phase: int) -> tuple[slice, slice] | None:
         """(plane positions, input cells) of ``phase`` that lie inside the input, or None.
 

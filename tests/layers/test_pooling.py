@@ -12,6 +12,7 @@ from layer_helpers import blob_of, make_layer, random_blob
 
 from engine.errors import LayerError
 from engine.layer import TEST, TRAIN
+from engine.layers import pooling as pooling_module
 
 FLT_MAX = float(np.finfo(np.float32).max)
 
@@ -122,8 +123,16 @@ def test_max_forward_mask_and_backward(h, w, params, k, s, p, ceil, out):
                                atol=1e-15)
 
 
+@pytest.fixture(params=["gemm", "views"])
+def ave_path(request, monkeypatch):
+    """Run AVE tests through both paths: one GEMM (small planes) and summed shifted views."""
+    if request.param == "views":
+        monkeypatch.setattr(pooling_module, "AVE_GEMM_MAX_CELLS", 0)
+    return request.param
+
+
 @pytest.mark.parametrize(("h", "w", "params", "k", "s", "p", "ceil", "out"), CASES, ids=IDS)
-def test_ave_forward_and_backward(h, w, params, k, s, p, ceil, out):
+def test_ave_forward_and_backward(h, w, params, k, s, p, ceil, out, ave_path):
     x = random_blob((2, 3, h, w), seed=h + w)
     layer, top = pool(f"pool: AVE {params}", x)
     layer.forward([x], top)
@@ -134,7 +143,7 @@ def test_ave_forward_and_backward(h, w, params, k, s, p, ceil, out):
                                atol=1e-15)
 
 
-def test_ave_divisor_counts_padding_not_overhang():
+def test_ave_divisor_counts_padding_not_overhang(ave_path):
     x = blob_of(np.ones((1, 1, 3, 3)))
     layer, top = pool("pool: AVE kernel_size: 2 stride: 2 pad: 1", x)
     layer.forward([x], top)
@@ -196,7 +205,7 @@ def test_max_gradient(params):
     "kernel_size: 3 stride: 2", "kernel_size: 3 stride: 2 pad: 1",
     "kernel_h: 2 kernel_w: 3 stride_h: 1 stride_w: 2 pad_h: 0 pad_w: 1", "global_pooling: true",
 ])
-def test_ave_gradient(params):
+def test_ave_gradient(params, ave_path):
     x = random_blob((2, 2, 5, 6))
     layer, top = pool(f"pool: AVE {params}", x)
     assert check_gradient(layer, [x], top) > 0

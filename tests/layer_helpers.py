@@ -42,3 +42,19 @@ def blob_of(array, dtype=np.float64) -> Blob:
 def random_blob(shape: Sequence[int], seed: int = 0, dtype=np.float64, low=-1.0,
                 high=1.0) -> Blob:
     return blob_of(np.random.default_rng(seed).uniform(low, high, shape), dtype)
+
+
+def run_forward_backward(text: str, x: np.ndarray, dy: np.ndarray, in_place: bool,
+                         phase: int = TRAIN, dtype=np.float64) -> tuple[np.ndarray, np.ndarray]:
+    """A one-bottom layer forward, then backward with top diff ``dy``, in place or not;
+    returns (top data, bottom diff)."""
+    bottom = blob_of(x, dtype)
+    layer = create_layer(layer_param(text), phase, np.random.default_rng(7), dtype)
+    top = [bottom] if in_place else [Blob((), dtype)]
+    layer.setup([bottom], top)
+    layer.reshape([bottom], top)
+    layer.forward([bottom], top)
+    y = top[0].data.copy()
+    top[0].diff[...] = dy
+    layer.backward(top, [True], [bottom])
+    return y, bottom.diff.copy()

@@ -9,7 +9,7 @@ import numpy as np
 from engine.blob import Blob
 from engine.layer import Layer, register_layer
 from engine.layers.loss import read_labels
-from engine.layers.softmax import split_axis
+from engine.layers.softmax import split_scores
 
 
 @register_layer
@@ -38,14 +38,8 @@ class Accuracy(Layer):
         return False  # so force_backward nets skip it rather than fail in backward
 
     def reshape(self, bottom: list[Blob], top: list[Blob]) -> None:
-        self.dims = split_axis(self, bottom[0], self.axis)
-        outer, classes, inner = self.dims
-        if bottom[1].count != outer * inner:
-            raise self.error(
-                f"the labels must have one value per prediction: scores {bottom[0].shape} with "
-                f"axis {self.axis} need {outer * inner} labels (outer {outer} x inner {inner}), "
-                f"but the label blob {bottom[1].shape} has {bottom[1].count}"
-            )
+        self.dims = split_scores(self, bottom, self.axis)
+        classes = self.dims[1]
         if self.top_k > classes:
             raise self.error(f"top_k ({self.top_k}) must be at most the number of classes "
                              f"({classes}, the size of axis {self.axis} of {bottom[0].shape})")

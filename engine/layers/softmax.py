@@ -29,6 +29,19 @@ def split_axis(layer: Layer, blob: Blob, axis: int) -> tuple[int, int, int]:
     return blob.count_axes(0, axis), blob.shape[axis], blob.count_axes(axis + 1)
 
 
+def split_scores(layer: Layer, bottom: list[Blob], axis: int) -> tuple[int, int, int]:
+    """``split_axis`` of the scores ``bottom[0]``, checking ``bottom[1]`` has one label for
+    every (outer, inner) position."""
+    outer, classes, inner = split_axis(layer, bottom[0], axis)
+    if bottom[1].count != outer * inner:
+        raise layer.error(
+            f"the labels must have one value per prediction: scores {bottom[0].shape} with "
+            f"axis {axis} need {outer * inner} labels (outer {outer} x inner {inner}), "
+            f"but the label blob {bottom[1].shape} has {bottom[1].count}"
+        )
+    return outer, classes, inner
+
+
 def softmax(x: np.ndarray) -> np.ndarray:
     """Softmax over axis 1 of an ``(outer, channels, inner)`` array, in its dtype."""
     e = np.exp(x - x.max(axis=1, keepdims=True))  # shifting by the max keeps exp finite
@@ -90,14 +103,7 @@ class SoftmaxWithLoss(LossLayer):
 
     def reshape(self, bottom: list[Blob], top: list[Blob]) -> None:
         super().reshape(bottom, top)
-        self.dims = split_axis(self, bottom[0], self.axis)
-        outer, _, inner = self.dims
-        if bottom[1].count != outer * inner:
-            raise self.error(
-                f"the labels must have one value per prediction: scores {bottom[0].shape} with "
-                f"axis {self.axis} need {outer * inner} labels (outer {outer} x inner {inner}), "
-                f"but the label blob {bottom[1].shape} has {bottom[1].count}"
-            )
+        self.dims = split_scores(self, bottom, self.axis)
         if len(top) > 1:
             top[1].reshape(bottom[0].shape)
 

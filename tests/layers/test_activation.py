@@ -8,9 +8,8 @@ import math
 import numpy as np
 import pytest
 from gradcheck import check_gradient
-from layer_helpers import blob_of, layer_param, make_layer, random_blob
+from layer_helpers import blob_of, layer_param, make_layer, random_blob, run_forward_backward
 
-from engine.blob import Blob
 from engine.errors import LayerError
 from engine.layer import TRAIN, create_layer
 
@@ -57,19 +56,7 @@ IN_PLACE = [text for text in ALL if "AbsVal" not in text]
 LIMITS = {text: limits for text, _, limits in ELEMENTWISE}
 
 
-def run(text: str, x: np.ndarray, dy: np.ndarray, in_place: bool,
-        dtype=np.float64) -> tuple[np.ndarray, np.ndarray]:
-    """Forward then backward with top diff ``dy``; returns (top data, bottom diff)."""
-    bottom = blob_of(x, dtype)
-    layer = create_layer(layer_param(text), TRAIN, np.random.default_rng(7), dtype)
-    top = [bottom] if in_place else [Blob((), dtype)]
-    layer.setup([bottom], top)
-    layer.reshape([bottom], top)
-    layer.forward([bottom], top)
-    y = top[0].data.copy()
-    top[0].diff[...] = dy
-    layer.backward(top, [True], [bottom])
-    return y, bottom.diff.copy()
+run = run_forward_backward
 
 
 def inputs(low: float, high: float, shape=(2, 3, 4), seed: int = 0) -> np.ndarray:

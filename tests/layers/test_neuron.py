@@ -5,11 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from gradcheck import check_gradient
-from layer_helpers import blob_of, layer_param, make_layer, random_blob
+from layer_helpers import blob_of, make_layer, random_blob, run_forward_backward
 
-from engine.blob import Blob
 from engine.errors import LayerError
-from engine.layer import TEST, TRAIN, create_layer
+from engine.layer import TEST
 
 X = np.array([[-2.0, -0.5, 0.0], [0.5, 3.0, -1e-3]])
 
@@ -23,19 +22,7 @@ NEURONS = [
 ]
 
 
-def run(text: str, x: np.ndarray, dy: np.ndarray, in_place: bool, phase: int = TRAIN,
-        dtype=np.float64) -> tuple[np.ndarray, np.ndarray]:
-    """Forward then backward with top diff ``dy``; returns (top data, bottom diff)."""
-    bottom = blob_of(x, dtype)
-    layer = create_layer(layer_param(text), phase, np.random.default_rng(7), dtype)
-    top = [bottom] if in_place else [Blob((), dtype)]
-    layer.setup([bottom], top)
-    layer.reshape([bottom], top)
-    layer.forward([bottom], top)
-    y = top[0].data.copy()
-    top[0].diff[...] = dy
-    layer.backward(top, [True], [bottom])
-    return y, bottom.diff.copy()
+run = run_forward_backward
 
 
 @pytest.mark.parametrize("text", NEURONS)

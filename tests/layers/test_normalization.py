@@ -7,29 +7,15 @@ import numpy as np
 import pytest
 from google.protobuf import text_format
 from gradcheck import check_gradient
-from layer_helpers import blob_of, layer_param, make_layer, random_blob
+from layer_helpers import blob_of, layer_param, make_layer, random_blob, run_forward_backward
 
 import engine
 from engine import caffe_pb2
-from engine.blob import Blob
 from engine.errors import LayerError
 from engine.layer import TEST, TRAIN, create_layer
 from engine.net import Net
 
-
-def run(text: str, x: np.ndarray, dy: np.ndarray, in_place: bool, phase: int = TRAIN,
-        dtype=np.float64) -> tuple[np.ndarray, np.ndarray]:
-    """Forward then backward with top diff ``dy``; returns (top data, bottom diff)."""
-    bottom = blob_of(x, dtype)
-    layer = create_layer(layer_param(text), phase, np.random.default_rng(7), dtype)
-    top = [bottom] if in_place else [Blob((), dtype)]
-    layer.setup([bottom], top)
-    layer.reshape([bottom], top)
-    layer.forward([bottom], top)
-    y = top[0].data.copy()
-    top[0].diff[...] = dy
-    layer.backward(top, [True], [bottom])
-    return y, bottom.diff.copy()
+run = run_forward_backward
 
 
 # -- LRN ----------------------------------------------------------------------------------------

@@ -4,6 +4,8 @@ A pycaffe-compatible surface: ``engine.Net(model, engine.TEST, weights=...)``,
 ``net.blobs[name].data``, ``net.params[layer][i]``, ``net.forward()``, ``net.backward()``.
 """
 
+# first: engine.parallel configures OpenBLAS's threads before numpy loads it
+from engine import parallel  # noqa: F401
 from engine.blob import Blob
 from engine.errors import MokaError
 from engine.layer import LAYERS, TEST, TRAIN, Layer, register_layer

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
+from engine.parallel import for_batch_chunks
+
 
 # -- sizes and offsets -------------------------------------------------------------------------
 def conv_out_size(size: int, kernel: int, pad: int = 0, stride: int = 1,
@@ -60,6 +62,23 @@ def offset_slices(offset: Sequence[int], stride: Sequence[int], out_size: Sequen
     dilation = dilation or (1,) * len(offset)
     return tuple(slice(o * d, o * d + s * (n - 1) + 1, s)
                  for o, s, d, n in zip(offset, stride, dilation, out_size, strict=True))
+
+
+def batch_copyto(dst: np.ndarray, src: np.ndarray) -> None:
+    """``np.copyto(dst, src)``, split over the leading (batch) axis onto parallel threads."""
+    for_batch_chunks(lambda a, b: np.copyto(dst[a:b], src[a:b]), dst.shape[0], dst[0].size)
+
+
+def batch_add(target: np.ndarray, values: np.ndarray) -> None:
+    """``target += values``, split over the leading (batch) axis onto parallel threads."""
+    def add(a: int, b: int) -> None:
+        np.add(target[a:b], values[a:b], out=target[a:b])
+    for_batch_chunks(add, target.shape[0], target[0].size)
+
+
+def batch_fill(dst: np.ndarray, value: float) -> None:
+    """``dst[...] = value``, split over the leading (batch) axis onto parallel threads."""
+    for_batch_chunks(lambda a, b: dst[a:b].fill(value), dst.shape[0], dst[0].size)
 
 
 class Workspace:
@@ -101,7 +120,7 @@ def pad_to_nhwc(x: np.ndarray, pad: Sequence[int], out: np.ndarray) -> None:
     """Copy ``x`` (N, C, *spatial) into the interior of the logical-NHWC ``out``, which has
     ``pad`` extra cells before and after each spatial axis; the border is left as it is."""
     interior = tuple(slice(p, p + s) for p, s in zip(pad, x.shape[2:], strict=True))
-    np.copyto(out[(slice(None), *interior, slice(None))], np.moveaxis(x, 1, -1))
+    batch_copyto(out[(slice(None), *interior, slice(None))], np.moveaxis(x, 1, -1))
 
 
 def sliding_windows(xp: np.ndarray, kernel: Sequence[int], stride: Sequence[int],
@@ -127,8 +146,8 @@ def im2col_nhwc(xp: np.ndarray, kernel: Sequence[int], stride: Sequence[int],
     """
     windows = sliding_windows(xp, kernel, stride, dilation, out_size)
     if out is None:
-        return windows.copy()
-    np.copyto(out, windows)
+        out = np.empty(windows.shape, xp.dtype)
+    batch_copyto(out, windows)
     return out
 
 
@@ -232,9 +251,10 @@ def conv_forward(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None,
         y = y.reshape(o, n, -1).transpose(1, 0, 2)
     out = out.reshape(y.shape)
     if bias is None:
-        np.copyto(out, y)
+        batch_copyto(out, y)
     else:
-        np.add(y, bias[:, None], out=out)
+        column = bias[:, None]
+        for_batch_chunks(lambda a, b: np.add(y[a:b], column, out=out[a:b]), n, out[0].size)
     return matrix
 
 
@@ -248,7 +268,7 @@ def conv_backward_params(dy: np.ndarray, matrix: np.ndarray, geom: ConvGeometry,
     dw = np.empty((group, og, matrix.shape[2]), dy.dtype)
     if _channels_last(matrix):
         dyt = ws.get("dy_t", (o, n, p), dy.dtype)  # one GEMM over the batch needs dy as (O, N*P)
-        np.copyto(dyt, dy.reshape(n, o, p).transpose(1, 0, 2))
+        batch_copyto(dyt.transpose(1, 0, 2), dy.reshape(n, o, p))
         dyt = dyt.reshape(o, -1)
         if bias_diff is not None:  # a GEMV against ones, as Caffe does
             bias_diff += dyt @ ws.get("ones", (n * p,), dy.dtype, fill=1)
@@ -277,14 +297,14 @@ def _dy_rows(dy: np.ndarray, geom: ConvGeometry, ws: Workspace, width: int) -> n
     # dy along the last axis at ext + stride*j, zeros elsewhere; wide enough for every tap.
     wq = max((out[-1] - 1) * s + 1 + 2 * ext, width + p + ext)
     dyq = ws.get("dy_stuffed", (n, *out[:-1], wq, o), dy.dtype, fill=0)
-    np.copyto(dyq[..., ext:ext + (out[-1] - 1) * s + 1:s, :], np.moveaxis(dy, 1, -1))
+    batch_copyto(dyq[..., ext:ext + (out[-1] - 1) * s + 1:s, :], np.moveaxis(dy, 1, -1))
     rows_shape = (n, *out[:-1], width, k, og)
     rows = ws.get("dy_rows", (geom.group, *rows_shape), dy.dtype)
     st = dyq.strides
     for g in range(geom.group):
         taps = as_strided(dyq[..., p:, g * og:(g + 1) * og], rows_shape,
                           (*st[:-1], st[-2] * d, st[-1]), writeable=False)
-        np.copyto(rows[g], taps)
+        batch_copyto(rows[g], taps)
     return rows.reshape(geom.group, -1, k * og)
 
 
@@ -308,7 +328,7 @@ def conv_backward_data(dy: np.ndarray, weight: np.ndarray, geom: ConvGeometry, w
     w_rows = w.reshape(group, -1, k[-1] * og, cg)
     lead_padded = tuple(ni + 2 * pi for ni, pi in zip(spatial[:-1], p[:-1], strict=True))
     dxp = ws.get("dx_padded", (n, *lead_padded, spatial[-1], c), dy.dtype)
-    dxp.fill(0)
+    batch_fill(dxp, 0)
     product = ws.get("dx_rows", (rows.shape[1], cg), dy.dtype)
     row_shape = (n, *out[:-1], spatial[-1], cg)
     for g in range(group):
@@ -316,9 +336,9 @@ def conv_backward_data(dy: np.ndarray, weight: np.ndarray, geom: ConvGeometry, w
             np.matmul(rows[g], w_rows[g, t], out=product)
             cells = offset_slices(offset, s[:-1], out[:-1], d[:-1])
             target = dxp[(slice(None), *cells, slice(None), slice(g * cg, (g + 1) * cg))]
-            np.add(target, product.reshape(row_shape), out=target)
+            batch_add(target, product.reshape(row_shape))
     interior = tuple(slice(pi, pi + ni) for pi, ni in zip(p[:-1], spatial[:-1], strict=True))
-    np.copyto(dx, np.moveaxis(dxp[(slice(None), *interior)], -1, 1))
+    batch_copyto(dx, np.moveaxis(dxp[(slice(None), *interior)], -1, 1))
 
 
 # -- pooling ---------------------------------------------------------------------------------
@@ -421,9 +441,15 @@ class PhasePlanes:
     def load(self, x: np.ndarray, planes: np.ndarray) -> None:
         """Copy the input ``x`` (*lead, *spatial) into its plane cells; the other cells
         (padding, ceil overhang, scratch) keep what they hold."""
+        for target, input_slices in self.load_targets(planes):
+            np.copyto(target, x[input_slices])
+
+    def load_targets(self, planes: np.ndarray) -> list[tuple[np.ndarray, tuple]]:
+        """``load`` as (view of plane cells, index of the input cells) pairs, to keep and
+        reuse: building them costs more than copying a small block."""
         grid, lead = self.grid(planes), (slice(None),) * len(self.lead)
-        for phase, plane_slices, input_slices in self._pairs():
-            np.copyto(grid[(*phase, *lead, *plane_slices)], x[(*lead, *input_slices)])
+        return [(grid[(*phase, *lead, *plane_slices)], (*lead, *input_slices))
+                for phase, plane_slices, input_slices in self._pairs()]
 
     def store(self, planes: np.ndarray, x: np.ndarray) -> None:
         """The inverse of ``load``: write the plane cells that are input cells into ``x``

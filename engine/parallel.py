@@ -1,0 +1,183 @@
+"""Batch-parallel helpers for the memory-bound numpy steps of the vision layers.
+
+numpy releases the GIL inside copies and ufunc loops over large arrays, so a few threads working
+on disjoint ranges of the batch axis run those steps in parallel. Each batch item is computed
+exactly as it would be on one thread, so results are bit-identical for every thread count (exact
+resume depends on it). Never call these around a BLAS GEMM: BLAS already uses every core.
+
+The number of threads is ``MOKA_NUM_THREADS`` if set, else the CPUs this process may use (at most
+``DEFAULT_MAX_THREADS``), or 1 when BLAS threads would be busy-waiting (below); with one thread
+everything runs inline, without a pool.
+
+OpenBLAS's worker threads busy-wait for about 0.1 s after each call before they sleep, so in a
+training step, GEMM after GEMM, they hold the cores that these threads need (measured: a 2-thread
+max-pool ran 2x slower right after a GEMM than alone, slower than on one thread). Told by
+``OPENBLAS_THREAD_TIMEOUT`` to sleep sooner, they free the cores (CIFAR10-quick iteration 125 ->
+105 ms, measured). OpenBLAS reads that variable once, when numpy loads it, so this module sets it
+(unless set already) before anything imports numpy: ``engine/__init__.py`` imports it first. If
+numpy was loaded before, without the variable, the default is one thread.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import sys
+import threading
+from collections.abc import Callable
+
+# log2 of the cycles an idle OpenBLAS worker spins before sleeping (OpenBLAS's default is 28).
+BLAS_THREAD_TIMEOUT = "4"
+_BLAS_SPINS = "numpy" in sys.modules and "OPENBLAS_THREAD_TIMEOUT" not in os.environ
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", BLAS_THREAD_TIMEOUT)
+
+DEFAULT_MAX_THREADS = 8  # memory-bound copies stop scaling long before the core count does
+# Below this much work (array elements) per thread, a hand-off to a thread (15-50 us) costs
+# more than it saves (a 2-thread copy breaks even near 256k float32, measured).
+MIN_THREAD_WORK = 1 << 17
+
+_local = threading.local()  # .busy: this thread is already running a range
+
+
+class _Task:
+    """One call run on a worker thread; ``wait`` returns once it ran and re-raises its error."""
+
+    def __init__(self, fn: Callable[[], None]) -> None:
+        self.fn, self.error = fn, None
+        self.done = threading.Lock()
+        self.done.acquire()
+
+    def run(self) -> None:
+        try:
+            self.fn()
+        except BaseException as exc:  # handed to the waiting thread
+            self.error = exc
+        finally:
+            self.done.release()
+
+    def wait(self) -> BaseException | None:
+        self.done.acquire()
+        return self.error
+
+
+class _Worker:
+    """A daemon thread running the tasks put on its queue (a plain queue and a lock hand a task
+    over in about half the time a ThreadPoolExecutor takes, measured ~15 vs ~30 us)."""
+
+    def __init__(self, index: int) -> None:
+        self.tasks: queue.SimpleQueue[_Task] = queue.SimpleQueue()
+        threading.Thread(target=self._loop, name=f"moka-{index}", daemon=True).start()
+
+    def _loop(self) -> None:
+        while True:
+            self.tasks.get().run()
+
+    def submit(self, fn: Callable[[], None]) -> _Task:
+        task = _Task(fn)
+        self.tasks.put(task)
+        return task
+
+
+_workers: list[_Worker] = []
+_workers_lock = threading.Lock()
+
+
+def _threads_from_environment() -> int:
+    value = os.environ.get("MOKA_NUM_THREADS", "").strip()
+    if value:
+        try:
+            return max(1, int(value))
+        except ValueError:
+            raise ValueError(f"MOKA_NUM_THREADS must be an integer; got {value!r}") from None
+    if _BLAS_SPINS:
+        return 1
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, DEFAULT_MAX_THREADS))
+
+
+_threads = _threads_from_environment()
+
+
+def num_threads() -> int:
+    """How many threads batch-parallel steps use."""
+    return _threads
+
+
+def set_num_threads(threads: int | None) -> int:
+    """Use ``threads`` threads from now on (None: from the environment again); returns the
+    previous count. Idle workers beyond the new count are kept for later."""
+    global _threads
+    previous = _threads
+    _threads = _threads_from_environment() if threads is None else max(1, int(threads))
+    return previous
+
+
+def _worker(index: int) -> _Worker:
+    """Worker thread ``index`` (1-based: the calling thread is worker 0), started on first use."""
+    with _workers_lock:
+        while len(_workers) < index:
+            _workers.append(_Worker(len(_workers) + 1))
+        return _workers[index - 1]
+
+
+def _forget_workers() -> None:
+    """A forked child has none of the parent's threads; it starts its own on demand."""
+    global _workers_lock
+    _workers.clear()
+    _workers_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_workers)
+
+
+def for_batch_blocks(fn: Callable[[int, int, int], None], n: int, item_work: int,
+                     block_work: int | None = None) -> None:
+    """Call ``fn(worker, start, stop)`` over consecutive ranges that cover ``range(n)``.
+
+    The batch is split into one contiguous range per thread (fewer when each would get less
+    than ``MIN_THREAD_WORK`` elements of work; ``item_work`` is the work of one item). With
+    ``block_work``, each thread walks its range in blocks of about that much work, so that a
+    block's temporaries stay in cache. ``worker`` (0 for the calling thread) tells the callers
+    which per-thread scratch to use. Returns when every range is done; re-raises the first error.
+    """
+    if n <= 0:
+        return
+    item_work = max(1, item_work)
+    threads = min(_threads, n, max(1, n * item_work // MIN_THREAD_WORK))
+    if getattr(_local, "busy", False):
+        threads = 1  # nested: the pool may be busy with the outer call
+    block = n if block_work is None else max(1, block_work // item_work)
+    bounds = [n * i // threads for i in range(threads + 1)]
+
+    def work(worker: int) -> None:
+        outer, _local.busy = getattr(_local, "busy", False), True
+        try:
+            for start in range(bounds[worker], bounds[worker + 1], block):
+                fn(worker, start, min(start + block, bounds[worker + 1]))
+        finally:
+            _local.busy = outer
+
+    if threads == 1:
+        work(0)
+        return
+    tasks = [_worker(w).submit(lambda w=w: work(w)) for w in range(1, threads)]
+    error: BaseException | None = None
+    try:
+        work(0)
+    except BaseException as exc:  # wait for the others first: they write the same arrays
+        error = exc
+    for task in tasks:
+        failure = task.wait()
+        error = error or failure
+    if error is not None:
+        raise error
+
+
+def for_batch_chunks(fn: Callable[[int, int], None], n: int, item_work: int) -> None:
+    """Call ``fn(start, stop)`` on one contiguous range of ``range(n)`` per thread (see
+    ``for_batch_blocks``)."""
+    for_batch_blocks(lambda _worker, start, stop: fn(start, stop), n, item_work)

@@ -1,0 +1,131 @@
+"""engine.parallel: batch ranges on threads; conv and pool give bit-identical results for any
+thread count (exact resume depends on it)."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+from layer_helpers import blob_of, make_layer
+
+from engine import parallel
+from engine.layers import pooling as pooling_module
+
+
+@pytest.fixture
+def threads(monkeypatch):
+    """Set the thread count (even tiny arrays are split); restored afterwards."""
+    monkeypatch.setattr(parallel, "MIN_THREAD_WORK", 1)
+    previous = parallel.num_threads()
+
+    def use(n: int) -> None:
+        parallel.set_num_threads(n)
+
+    yield use
+    parallel.set_num_threads(previous)
+
+
+@pytest.mark.parametrize(("n_threads", "n", "block_work", "expected_workers"), [
+    (1, 10, None, {0}), (2, 10, None, {0, 1}), (3, 10, 2, {0, 1, 2}), (4, 3, None, {0, 1, 2}),
+    (2, 1, None, {0}),
+])
+def test_ranges_cover_the_batch_once(threads, n_threads, n, block_work, expected_workers):
+    threads(n_threads)
+    calls = []
+    parallel.for_batch_blocks(lambda w, a, b: calls.append((w, a, b)), n, 1, block_work)
+    covered = sorted(i for _, a, b in calls for i in range(a, b))
+    assert covered == list(range(n))
+    assert {w for w, _, _ in calls} == expected_workers
+    if block_work:
+        assert max(b - a for _, a, b in calls) <= block_work
+
+
+def test_little_work_stays_on_the_calling_thread(monkeypatch):
+    previous = parallel.set_num_threads(4)
+    try:
+        names = []
+        parallel.for_batch_chunks(lambda a, b: names.append(threading.current_thread().name),
+                                  8, parallel.MIN_THREAD_WORK // 8)
+        assert names == [threading.current_thread().name]
+    finally:
+        parallel.set_num_threads(previous)
+
+
+def test_errors_reach_the_caller_after_every_range_ran(threads):
+    threads(2)
+    done = []
+
+    def fn(start, stop):
+        if start == 0:
+            raise ValueError("boom")
+        done.append(start)
+
+    with pytest.raises(ValueError, match="boom"):
+        parallel.for_batch_chunks(fn, 4, 1)
+    assert done == [2]
+
+
+def test_nested_calls_run_inline(threads):
+    threads(2)
+    inner = []
+
+    def outer(start, stop):
+        parallel.for_batch_chunks(lambda a, b: inner.append((start, a, b)), stop - start, 1)
+
+    parallel.for_batch_chunks(outer, 4, 1)
+    assert sorted(inner) == [(0, 0, 2), (2, 0, 2)]
+
+
+@pytest.mark.parametrize(("value", "expected"), [("3", 3), ("0", 1), (" 2 ", 2)])
+def test_thread_count_from_the_environment(monkeypatch, value, expected):
+    monkeypatch.setenv("MOKA_NUM_THREADS", value)
+    assert parallel._threads_from_environment() == expected
+
+
+def test_bad_thread_count_is_an_error(monkeypatch):
+    monkeypatch.setenv("MOKA_NUM_THREADS", "many")
+    with pytest.raises(ValueError, match="MOKA_NUM_THREADS"):
+        parallel._threads_from_environment()
+
+
+def run_layer(text: str, x: np.ndarray, dy_seed: int = 1):
+    """Forward and backward in float32; returns (top data, bottom diff, param diffs)."""
+    bottom = blob_of(x, np.float32)
+    layer, top = make_layer(text, [bottom], dtype=np.float32, seed=3)
+    layer.forward([bottom], top)
+    top[0].diff[...] = np.random.default_rng(dy_seed).standard_normal(top[0].shape)
+    for blob in layer.blobs:
+        blob.diff[...] = 0
+    layer.backward(top, [True], [bottom])
+    return top[0].data.copy(), bottom.diff.copy(), [b.diff.copy() for b in layer.blobs]
+
+
+LAYERS = [
+    'type: "Convolution" convolution_param { num_output: 6 kernel_size: 3 pad: 1 '
+    'weight_filler { type: "gaussian" } bias_filler { type: "gaussian" } }',
+    'type: "Convolution" convolution_param { num_output: 4 kernel_size: 5 pad: 2 group: 2 '
+    'weight_filler { type: "gaussian" } bias_filler { type: "gaussian" } }',
+    'type: "Convolution" convolution_param { num_output: 4 kernel_size: 2 stride: 2 '
+    'weight_filler { type: "gaussian" } bias_filler { type: "gaussian" } }',
+    'type: "Pooling" pooling_param { pool: MAX kernel_size: 3 stride: 2 }',
+    'type: "Pooling" pooling_param { pool: MAX kernel_size: 2 stride: 2 pad: 1 }',
+]
+
+
+@pytest.mark.parametrize("text", LAYERS)
+def test_results_do_not_depend_on_the_thread_count(threads, monkeypatch, text):
+    monkeypatch.setattr(pooling_module, "POOL_BLOCK_WORK", 200)  # several blocks per thread
+    # integers in the input make ties, so the max pool's first-maximum rule is exercised too
+    rng = np.random.default_rng(0)
+    x = rng.integers(-3, 4, (7, 4, 11, 10)) + rng.standard_normal((7, 4, 11, 10)) * (rng.random(
+        (7, 4, 11, 10)) < 0.5)
+    runs = []
+    for n in (1, 2, 3):
+        threads(n)
+        runs.append(run_layer(text, x))
+    for other in runs[1:]:
+        np.testing.assert_array_equal(other[0], runs[0][0])
+        np.testing.assert_array_equal(other[1], runs[0][1])
+        for a, b in zip(other[2], runs[0][2], strict=True):
+            np.testing.assert_array_equal(a, b)

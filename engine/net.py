@@ -340,6 +340,30 @@ class Net:
         names = list(self.inputs) + [d for d in (diffs or []) if d not in self.inputs]
         return {n: self.blobs[n].diff for n in names}
 
+    def forward_all(self, blobs: Sequence[str] | None = None,
+                    **inputs: np.ndarray) -> dict[str, np.ndarray]:
+        """pycaffe's forward_all: run ``inputs`` of any length through in batches of the input
+        blobs' size (the last one zero-padded) and return the outputs for every item."""
+        if not inputs:
+            raise NetError("forward_all needs input arrays, e.g. net.forward_all(data=images)")
+        total = {len(np.asarray(a)) for a in inputs.values()}
+        if len(total) != 1:
+            raise NetError(f"forward_all inputs differ in length: {sorted(total)}")
+        total_n = total.pop()
+        batch = self.blobs[next(iter(inputs))].shape[0]
+        results: dict[str, list[np.ndarray]] = {}
+        for start in range(0, total_n, batch):
+            chunk = {}
+            for name, array in inputs.items():
+                part = np.asarray(array)[start:start + batch]
+                if len(part) < batch:  # pad the last batch, as pycaffe does
+                    pad = np.zeros((batch - len(part), *part.shape[1:]), part.dtype)
+                    part = np.concatenate([part, pad])
+                chunk[name] = part
+            for name, out in self.forward(blobs=blobs, **chunk).items():
+                results.setdefault(name, []).append(out.copy())
+        return {name: np.concatenate(parts)[:total_n] for name, parts in results.items()}
+
     def reshape(self) -> None:
         """Propagate shapes after a blob was reshaped (pycaffe's ``net.reshape()``)."""
         for layer, bottom, top in zip(self.layers, self.bottom_vecs, self.top_vecs,

@@ -320,3 +320,12 @@ def test_pycaffe_globals():
     engine.set_random_seed(5)
     b = Net(net_param(text), engine.TRAIN)
     np.testing.assert_array_equal(a.params["ip"][0].data, b.params["ip"][0].data)
+
+
+def test_forward_all_batches_and_drops_the_padding():
+    net = build(INPUTS + ip("ip", "x", "y"), dtype=np.float64)
+    x = np.random.default_rng(6).standard_normal((10, 5))
+    out = net.forward_all(x=x, t=np.zeros((10, 3)))
+    W, b = (p.data for p in net.params["ip"])
+    assert out["y"].shape == (10, 3)
+    np.testing.assert_allclose(out["y"], x @ W.T + b)

@@ -3,6 +3,7 @@
 from engine.layers import (  # noqa: F401
     accuracy,
     activation,
+    combine,
     convolution,
     data,
     inner_product,

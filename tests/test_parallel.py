@@ -1,5 +1,5 @@
-"""engine.parallel: batch ranges on threads; conv and pool give bit-identical results for any
-thread count (exact resume depends on it)."""
+"""engine.parallel: batch ranges on threads; conv, pool and ReLU give bit-identical results for
+any thread count (exact resume depends on it)."""
 
 from __future__ import annotations
 
@@ -110,6 +110,7 @@ LAYERS = [
     'weight_filler { type: "gaussian" } bias_filler { type: "gaussian" } }',
     'type: "Pooling" pooling_param { pool: MAX kernel_size: 3 stride: 2 }',
     'type: "Pooling" pooling_param { pool: MAX kernel_size: 2 stride: 2 pad: 1 }',
+    'type: "ReLU"',
 ]
 
 

@@ -13,6 +13,7 @@ import numpy as np
 
 from engine.blob import Blob
 from engine.layer import TRAIN, NeuronLayer, register_layer
+from engine.parallel import for_batch_chunks
 
 
 @register_layer
@@ -35,7 +36,8 @@ class ReLU(NeuronLayer):
         else:
             self._positive = None
         if self.slope == 0:
-            np.maximum(x, 0, out=y)
+            x2, y2 = _rows(x), _rows(y)
+            for_batch_chunks(lambda a, b: np.maximum(x2[a:b], 0, out=y2[a:b]), *x2.shape)
         else:
             y[...] = np.where(x > 0, x, x * self.slope)
 
@@ -44,13 +46,21 @@ class ReLU(NeuronLayer):
         if not propagate_down[0]:
             return
         # out of place this is x; in place it is y, whose sign matches x's when slope >= 0
-        positive = self._positive if self._positive is not None else bottom[0].data > 0
         dy, dx = top[0].diff, bottom[0].diff
         if self.slope == 0:
-            np.multiply(dy, positive, out=dx)
-        else:
-            one, slope = dx.dtype.type(1), dx.dtype.type(self.slope)
-            np.multiply(dy, np.where(positive, one, slope), out=dx)
+            x2, dy2, dx2 = _rows(bottom[0].data), _rows(dy), _rows(dx)
+            for_batch_chunks(lambda a, b: np.multiply(dy2[a:b], x2[a:b] > 0, out=dx2[a:b]),
+                             *x2.shape)
+            return
+        positive = self._positive if self._positive is not None else bottom[0].data > 0
+        one, slope = dx.dtype.type(1), dx.dtype.type(self.slope)
+        np.multiply(dy, np.where(positive, one, slope), out=dx)
+
+
+def _rows(array: np.ndarray) -> np.ndarray:
+    """A blob array as (batch, rest): the view that parallel chunks split (one row if 0-d)."""
+    n = array.shape[0] if array.ndim else 1
+    return array.reshape(n, array.size // n if n else 0)
 
 
 @register_layer

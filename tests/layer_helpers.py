@@ -58,3 +58,12 @@ def run_forward_backward(text: str, x: np.ndarray, dy: np.ndarray, in_place: boo
     top[0].diff[...] = dy
     layer.backward(top, [True], [bottom])
     return y, bottom.diff.copy()
+
+
+def in_place_layer(text: str, bottom: list[Blob]):
+    """A layer set up with top[0] being bottom[0]."""
+    layer = create_layer(layer_param(text), TRAIN, np.random.default_rng(0), np.float64)
+    top = [bottom[0]]
+    layer.setup(bottom, top)
+    layer.reshape(bottom, top)
+    return layer, top

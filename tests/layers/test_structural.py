@@ -5,20 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from gradcheck import check_gradient
-from layer_helpers import layer_param, make_layer, random_blob
+from layer_helpers import in_place_layer, make_layer, random_blob
 
-from engine.blob import Blob
 from engine.errors import LayerError
-from engine.layer import TRAIN, create_layer
-
-
-def in_place_layer(text: str, bottom: list[Blob]):
-    """A layer set up with top[0] being bottom[0]."""
-    layer = create_layer(layer_param(text), TRAIN, np.random.default_rng(0), np.float64)
-    top = [bottom[0]]
-    layer.setup(bottom, top)
-    layer.reshape(bottom, top)
-    return layer, top
 
 
 # -- Split -----------------------------------------------------------------------------------

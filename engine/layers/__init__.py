@@ -12,6 +12,7 @@ from engine.layers import (  # noqa: F401
     normalization,
     pooling,
     scale,
+    slicing,
     softmax,
     structural,
 )

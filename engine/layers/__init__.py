@@ -6,6 +6,7 @@ from engine.layers import (  # noqa: F401
     combine,
     convolution,
     data,
+    image_data,
     inner_product,
     loss,
     neuron,
@@ -15,4 +16,5 @@ from engine.layers import (  # noqa: F401
     slicing,
     softmax,
     structural,
+    utility,
 )

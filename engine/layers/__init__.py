@@ -7,6 +7,7 @@ from engine.layers import (  # noqa: F401
     convolution,
     data,
     image_data,
+    image_data,
     inner_product,
     loss,
     neuron,

@@ -6,7 +6,7 @@ from engine.layers import (  # noqa: F401
     combine,
     convolution,
     data,
-    image_data,
+    embed,
     image_data,
     inner_product,
     loss,

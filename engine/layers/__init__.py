@@ -6,6 +6,7 @@ from engine.layers import (  # noqa: F401
     combine,
     convolution,
     data,
+    deconvolution,
     embed,
     image_data,
     inner_product,

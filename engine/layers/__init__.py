@@ -17,6 +17,7 @@ from engine.layers import (  # noqa: F401
     scale,
     slicing,
     softmax,
+    spp,
     structural,
     utility,
 )

@@ -11,6 +11,7 @@ from engine.layers import (  # noqa: F401
     image_data,
     inner_product,
     loss,
+    metric_loss,
     neuron,
     normalization,
     pooling,

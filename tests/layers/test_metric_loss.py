@@ -200,7 +200,7 @@ def test_infogain_shape_and_label_errors():
         layer.backward(top, [True, True, False], [x, blob_of([0.0, 1.0]), blob_of(H)])
 
 
-def test_blob_roundtrip_helper_used_for_h(tmp_path):
+def test_infogain_reads_a_non_identity_h_from_source(tmp_path):
     path = tmp_path / "h.binaryproto"
     write_blob_proto(Blob.to_proto(blob_of(H)), path)
     x, labels = random_blob((2, 3)), blob_of([1.0, 2.0])

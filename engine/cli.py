@@ -3,8 +3,9 @@
 ``engine train SOLVER [--snapshot S.solverstate | --weights W.caffemodel[,W2]]``,
 ``engine test --model M --weights W --iterations N`` and ``engine time --model M --iterations N``
 take Caffe's flags and log in glog's line shape, so Caffe's log tools (``parse_log.py``) read the
-output. A user error prints one line, ``engine: error: <message>``, and exits non-zero; the
-traceback is shown only with ``--verbose``.
+output. Caffe's data tools are here too: ``convert-imageset``, ``compute-image-mean`` and
+``upgrade`` (engine/tools.py). A user error prints one line, ``engine: error: <message>``, and
+exits non-zero; the traceback is shown only with ``--verbose``.
 """
 
 from __future__ import annotations
@@ -252,6 +253,36 @@ def _time_layers(net, iterations: int) -> tuple[list[float], list[float], dict[s
     return forward_ms, backward_ms, totals
 
 
+# -- data tools ------------------------------------------------------------------------------
+def convert_imageset(args: argparse.Namespace) -> int:
+    """Convert an image list (path label lines) to an LMDB of Datums (Caffe's convert_imageset)."""
+    from engine.tools import convert_imageset as convert
+
+    if args.backend != "lmdb":
+        raise UsageError(f"--backend {args.backend} is not supported; only lmdb can be written")
+    convert(args.root, args.list_file, args.db, gray=args.gray, shuffle=args.shuffle,
+            resize_height=args.resize_height, resize_width=args.resize_width,
+            check_size=args.check_size, encoded=args.encoded, encode_type=args.encode_type)
+    return 0
+
+
+def compute_image_mean(args: argparse.Namespace) -> int:
+    """Compute the mean image of an LMDB of Datums (Caffe's compute_image_mean)."""
+    from engine.tools import compute_image_mean as compute
+
+    compute(args.db, args.output)
+    return 0
+
+
+def upgrade(args: argparse.Namespace) -> int:
+    """Upgrade a legacy net or solver prototxt to the current format."""
+    from engine.tools import upgrade_proto_text
+
+    _require_file(args.input, "prototxt")
+    upgrade_proto_text(args.input, args.output)
+    return 0
+
+
 # -- the parser ------------------------------------------------------------------------------
 class _Parser(argparse.ArgumentParser):
     """Reports a bad command line as a UsageError (one line) instead of usage text + exit."""
@@ -315,6 +346,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--phase", choices=("TRAIN", "TEST"), default="TRAIN",
                    help="the phase to build the net in (default TRAIN)")
     _net_state_flags(p)
+
+    p = _add_command(subparsers, convert_imageset, "convert-imageset")
+    p.add_argument("root", metavar="ROOT/", help="folder the list's paths are relative to")
+    p.add_argument("list_file", metavar="LISTFILE", help="lines of 'relative/path label'")
+    p.add_argument("db", metavar="DB", help="the LMDB folder to write")
+    p.add_argument("--gray", action="store_true", help="store gray images (one channel)")
+    p.add_argument("--shuffle", action="store_true", help="shuffle the lines first")
+    p.add_argument("--backend", default="lmdb", help="the DB type (only lmdb)")
+    p.add_argument("--resize_height", type=int, default=0, help="resize images to this height")
+    p.add_argument("--resize_width", type=int, default=0, help="resize images to this width")
+    p.add_argument("--check_size", action="store_true", help="check all images have one size")
+    p.add_argument("--encoded", action="store_true", help="store encoded image bytes")
+    p.add_argument("--encode_type", default="", choices=("", "png", "jpg"),
+                   help="re-encode images as png or jpg (implies --encoded)")
+
+    p = _add_command(subparsers, compute_image_mean, "compute-image-mean")
+    p.add_argument("db", metavar="DB", help="an LMDB of Datums")
+    p.add_argument("output", nargs="?", metavar="OUT.binaryproto",
+                   help="where to write the 1xCxHxW mean")
+
+    p = _add_command(subparsers, upgrade, "upgrade")
+    p.add_argument("input", metavar="IN.prototxt", help="a legacy net or solver prototxt")
+    p.add_argument("output", metavar="OUT.prototxt", help="where to write the upgraded file")
     return parser
 
 

@@ -41,8 +41,27 @@ class Convolution(Layer):
 
     def setup(self, bottom: list[Blob], top: list[Blob]) -> None:
         p = self.param.convolution_param
-        self.axis = self._channel_axis(bottom[0], p.axis)
-        n_spatial = bottom[0].num_axes - self.axis - 1
+        kernel, stride, pad, dilation = self.read_geometry(bottom[0])
+        self.num_output, self.bias_term = p.num_output, p.bias_term
+        self.channels = bottom[0].shape[self.axis]
+        self._check_groups(p.group)
+        self.geom = ConvGeometry(kernel, stride, pad, dilation, p.group)
+        specs = [(self.weight_shape(), p.weight_filler)]
+        if self.bias_term:
+            specs.append(((self.num_output,), p.bias_filler))
+        self.init_param_blobs(specs)
+        self.param_propagate_down = [True] * len(self.blobs)
+        self._work: dict[int, Workspace] = {}  # per bottom: padded input and columns
+        # per bottom: (the bottom array, its column matrices), for backward to reuse
+        self._columns: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._scratch = Workspace()  # backward buffers shared by all bottoms
+
+    def read_geometry(self, bottom: Blob) -> tuple[tuple[int, ...], ...]:
+        """Read ``convolution_param``: sets ``self.axis``; returns kernel, stride, pad and
+        dilation per spatial axis, validated."""
+        p = self.param.convolution_param
+        self.axis = self._channel_axis(bottom, p.axis)
+        n_spatial = bottom.num_axes - self.axis - 1
         kernel = self._per_axis(p.kernel_size, "kernel_size", "kernel_h", "kernel_w",
                                 n_spatial, default=None)
         stride = self._per_axis(p.stride, "stride", "stride_h", "stride_w", n_spatial, 1)
@@ -52,19 +71,10 @@ class Convolution(Layer):
                              ("dilation", dilation)):
             if min(values) < 1:
                 raise self.error(f"{name} must be positive on every spatial axis; got {values}")
-        self.num_output, self.bias_term = p.num_output, p.bias_term
-        self.channels = bottom[0].shape[self.axis]
-        self._check_groups(p.group)
-        self.geom = ConvGeometry(kernel, stride, pad, dilation, p.group)
-        specs = [((self.num_output, self.channels // p.group, *kernel), p.weight_filler)]
-        if self.bias_term:
-            specs.append(((self.num_output,), p.bias_filler))
-        self.init_param_blobs(specs)
-        self.param_propagate_down = [True] * len(self.blobs)
-        self._work: dict[int, Workspace] = {}  # per bottom: padded input and columns
-        # per bottom: (the bottom array, its column matrices), for backward to reuse
-        self._columns: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        self._scratch = Workspace()  # backward buffers shared by all bottoms
+        return kernel, stride, pad, dilation
+
+    def weight_shape(self) -> tuple[int, ...]:
+        return (self.num_output, self.channels // self.geom.group, *self.geom.kernel)
 
     def _channel_axis(self, blob: Blob, axis: int) -> int:
         if not -blob.num_axes <= axis < blob.num_axes:
@@ -122,16 +132,20 @@ class Convolution(Layer):
         if shape[self.axis] != self.channels:
             raise self.error(f"expects {self.channels} channels on axis {self.axis}; the bottom "
                              f"has shape {shape}")
+        self.num = int(np.prod(shape[:self.axis], dtype=np.int64))
+        self.out_size = self.output_size(shape)
+        for blob in top:
+            blob.reshape((*shape[:self.axis], self.num_output, *self.out_size))
+
+    def output_size(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The top's spatial size for a bottom of ``shape`` (Caffe's floor rule)."""
         spatial = shape[self.axis + 1:]
         for i, (size, pad) in enumerate(zip(spatial, self.geom.pad, strict=True)):
             extent = self.geom.dilation[i] * (self.geom.kernel[i] - 1) + 1
             if extent > size + 2 * pad:
                 raise self.error(f"the kernel (extent {extent} on spatial axis {i}) is larger "
                                  f"than the padded input ({size} + 2*{pad}); bottom {shape}")
-        self.num = int(np.prod(shape[:self.axis], dtype=np.int64))
-        self.out_size = self.geom.out_size(spatial)
-        for blob in top:
-            blob.reshape((*shape[:self.axis], self.num_output, *self.out_size))
+        return self.geom.out_size(spatial)
 
     def _nchw(self, array: np.ndarray, channels: int) -> np.ndarray:
         """``array`` with the axes before the channel axis merged into one batch axis."""

@@ -23,23 +23,6 @@ from engine.layer import register_layer
 from engine.layers.convolution import Convolution
 
 
-def _read_geometry(layer: Convolution, bottom: Blob) -> tuple[tuple[int, ...], ...]:
-    """Convolution's reading of ``convolution_param``: sets ``layer.axis``; returns kernel,
-    stride, pad and dilation per spatial axis, validated."""
-    p = layer.param.convolution_param
-    layer.axis = layer._channel_axis(bottom, p.axis)
-    n_spatial = bottom.num_axes - layer.axis - 1
-    kernel = layer._per_axis(p.kernel_size, "kernel_size", "kernel_h", "kernel_w", n_spatial,
-                             default=None)
-    stride = layer._per_axis(p.stride, "stride", "stride_h", "stride_w", n_spatial, 1)
-    pad = layer._per_axis(p.pad, "pad", "pad_h", "pad_w", n_spatial, 0)
-    dilation = layer._per_axis(p.dilation, "dilation", None, None, n_spatial, 1)
-    for name, values in (("kernel_size", kernel), ("stride", stride), ("dilation", dilation)):
-        if min(values) < 1:
-            raise layer.error(f"{name} must be positive on every spatial axis; got {values}")
-    return kernel, stride, pad, dilation
-
-
 @register_layer
 class Deconvolution(Convolution):
     """``top = W^T * bottom + b``: the transpose of Convolution (its input gradient).
@@ -52,45 +35,22 @@ class Deconvolution(Convolution):
     """
 
     def setup(self, bottom: list[Blob], top: list[Blob]) -> None:
-        p = self.param.convolution_param
-        kernel, stride, pad, dilation = _read_geometry(self, bottom[0])
-        self.num_output, self.bias_term = p.num_output, p.bias_term
-        self.channels = bottom[0].shape[self.axis]
-        self._check_groups(p.group)
-        self.geom = ConvGeometry(kernel, stride, pad, dilation, p.group)
-        specs = [((self.channels, self.num_output // p.group, *kernel), p.weight_filler)]
-        if self.bias_term:
-            specs.append(((self.num_output,), p.bias_filler))
-        self.init_param_blobs(specs)
-        self.param_propagate_down = [True] * len(self.blobs)
+        super().setup(bottom, top)
         self._work = Workspace()
 
-    def reshape(self, bottom: list[Blob], top: list[Blob]) -> None:
-        if len(bottom) != len(top):
-            raise self.error(f"needs one top per bottom; got {len(bottom)} bottoms and "
-                             f"{len(top)} tops")
-        shape = bottom[0].shape
-        for i, blob in enumerate(bottom[1:], 1):
-            if blob.shape != shape:
-                raise self.error(f"all bottoms must have one shape; bottom 0 is {shape}, "
-                                 f"bottom {i} is {blob.shape}")
-        if len(shape) != self.axis + 1 + len(self.geom.kernel):
-            raise self.error(f"the bottom must keep its {self.axis + 1 + len(self.geom.kernel)} "
-                             f"axes; got shape {shape}")
-        if shape[self.axis] != self.channels:
-            raise self.error(f"expects {self.channels} channels on axis {self.axis}; the bottom "
-                             f"has shape {shape}")
+    def weight_shape(self) -> tuple[int, ...]:
+        return (self.channels, self.num_output // self.geom.group, *self.geom.kernel)
+
+    def output_size(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """``stride*(in-1) + dilation*(kernel-1)+1 - 2*pad`` per spatial axis."""
         g = self.geom
-        self.out_size = tuple(
-            s * (n - 1) + d * (k - 1) + 1 - 2 * p
-            for n, k, s, p, d in zip(shape[self.axis + 1:], g.kernel, g.stride, g.pad,
-                                     g.dilation, strict=True))
-        if min(self.out_size) < 1:
+        out = tuple(s * (n - 1) + d * (k - 1) + 1 - 2 * p
+                    for n, k, s, p, d in zip(shape[self.axis + 1:], g.kernel, g.stride, g.pad,
+                                             g.dilation, strict=True))
+        if min(out) < 1:
             raise self.error(f"the padding {g.pad} leaves no output for bottom {shape} "
-                             f"(output size {self.out_size})")
-        self.num = int(np.prod(shape[:self.axis], dtype=np.int64))
-        for blob in top:
-            blob.reshape((*shape[:self.axis], self.num_output, *self.out_size))
+                             f"(output size {out})")
+        return out
 
     def forward(self, bottom: list[Blob], top: list[Blob]) -> None:
         for b, t in zip(bottom, top, strict=True):
@@ -132,7 +92,7 @@ class Im2col(Convolution):
     n_top = (1, 1)
 
     def setup(self, bottom: list[Blob], top: list[Blob]) -> None:
-        kernel, stride, pad, dilation = _read_geometry(self, bottom[0])
+        kernel, stride, pad, dilation = self.read_geometry(bottom[0])
         self.channels = bottom[0].shape[self.axis]
         self.geom = ConvGeometry(kernel, stride, pad, dilation)
         self.num_output = self.channels * int(np.prod(kernel))

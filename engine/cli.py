@@ -6,6 +6,9 @@ take Caffe's flags and log in glog's line shape, so Caffe's log tools (``parse_l
 output. Caffe's data tools are here too: ``convert-imageset``, ``compute-image-mean`` and
 ``upgrade`` (engine/tools.py). A user error prints one line, ``engine: error: <message>``, and
 exits non-zero; the traceback is shown only with ``--verbose``.
+
+Flags are read as Caffe's gflags reads them: ``-solver s.prototxt``, ``-solver=s.prototxt``,
+``--solver s.prototxt`` and ``--solver=s.prototxt`` are the same flag (``caffe_flags``).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 import time
 import traceback
@@ -104,11 +108,20 @@ def _build_net(model: str, phase: int, args: argparse.Namespace):
                rng=np.random.default_rng(0))
 
 
+def _warn_gpu(args: argparse.Namespace) -> None:
+    """Caffe's ``-gpu 0`` (or ``all``) is accepted; Moka says once that it runs on the CPU."""
+    gpu = getattr(args, "gpu", None)
+    if gpu is not None:
+        log.warning("Moka runs on the CPU only: ignoring -gpu %s; %s continues on the CPU",
+                    gpu, "training" if args.func is train else "the run")
+
+
 # -- train -----------------------------------------------------------------------------------
 def train(args: argparse.Namespace) -> int:
     """Train or fine-tune a model from a solver prototxt."""
     from engine.io import read_solver_param
 
+    _warn_gpu(args)
     path = _solver_path(args)
     if args.snapshot:
         _require_file(args.snapshot, "snapshot")
@@ -166,6 +179,7 @@ def test(args: argparse.Namespace) -> int:
         raise UsageError("need a model definition to score: --model NET.prototxt")
     if not args.weights:
         raise UsageError("need model weights to score: --weights W.caffemodel")
+    _warn_gpu(args)
     weights = _weight_files(args.weights)
     net = _build_net(args.model, TEST, args)
     for f in weights:
@@ -195,6 +209,7 @@ def time_(args: argparse.Namespace) -> int:
     """Benchmark a model: average per-layer forward and backward times."""
     if not args.model:
         raise UsageError("need a model definition to time: --model NET.prototxt")
+    _warn_gpu(args)
     phase = TRAIN if args.phase == "TRAIN" else TEST
     try:
         net = _build_net(args.model, phase, args)
@@ -253,6 +268,19 @@ def _time_layers(net, iterations: int) -> tuple[list[float], list[float], dict[s
     return forward_ms, backward_ms, totals
 
 
+# -- device query ----------------------------------------------------------------------------
+def device_query(args: argparse.Namespace) -> int:
+    """Show the CPU, BLAS library and threads Moka computes with (Caffe's device_query)."""
+    from engine.device import device_report
+
+    if args.gpu is not None:
+        log.info("Querying the CPU (Moka has no GPU backend; -gpu %s names no device here)",
+                 args.gpu)
+    for line in device_report():
+        log.info("%s", line)
+    return 0
+
+
 # -- data tools ------------------------------------------------------------------------------
 def convert_imageset(args: argparse.Namespace) -> int:
     """Convert an image list (path label lines) to an LMDB of Datums (Caffe's convert_imageset)."""
@@ -302,6 +330,11 @@ def _common(*, sub: bool) -> argparse.ArgumentParser:
     return parent
 
 
+def _gpu_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--gpu", metavar="ID", help="accepted for Caffe's command lines; Moka "
+                        "runs on the CPU only (a warning says so)")
+
+
 def _net_state_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--level", type=int, default=0, help="the net state's level")
     parser.add_argument("--stage", action="append", metavar="A,B",
@@ -319,7 +352,8 @@ def _add_command(subparsers, func: Callable[[argparse.Namespace], int],
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="engine", parents=[_common(sub=False)],
                      description="Moka: train, test and time Caffe models.")
-    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    subparsers = parser.add_subparsers(dest="command", required=False, metavar="COMMAND",
                                        parser_class=_Parser)
 
     p = _add_command(subparsers, train, "train")
@@ -329,6 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--snapshot", help="a .solverstate to resume training from")
     group.add_argument("--weights", help="caffemodel(s) to fine-tune from, comma separated")
     _net_state_flags(p)
+    _gpu_flag(p)
     for signal_name, default in (("sigint", "stop"), ("sighup", "snapshot")):
         p.add_argument(f"--{signal_name}_effect", choices=SIGNAL_EFFECTS, default=default,
                        help=f"what {signal_name.upper()} does while training "
@@ -339,6 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", help="the trained .caffemodel(s), comma separated")
     p.add_argument("--iterations", type=int, default=50, help="batches to score")
     _net_state_flags(p)
+    _gpu_flag(p)
 
     p = _add_command(subparsers, time_, "time")
     p.add_argument("--model", help="the net prototxt")
@@ -346,6 +382,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--phase", choices=("TRAIN", "TEST"), default="TRAIN",
                    help="the phase to build the net in (default TRAIN)")
     _net_state_flags(p)
+    _gpu_flag(p)
+
+    p = _add_command(subparsers, device_query, "device_query")
+    _gpu_flag(p)
 
     p = _add_command(subparsers, convert_imageset, "convert-imageset")
     p.add_argument("root", metavar="ROOT/", help="folder the list's paths are relative to")
@@ -372,15 +412,57 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# -- Caffe's flag spelling ---------------------------------------------------------------------
+_SINGLE_DASH = re.compile(r"-([A-Za-z][A-Za-z0-9_-]+)(=.*)?", re.DOTALL)
+
+
+def _long_options(parser: argparse.ArgumentParser) -> set[str]:
+    """Every ``--name`` option of ``parser`` and of its subcommands."""
+    names: set[str] = set()
+    for action in parser._actions:
+        names.update(o for o in action.option_strings if o.startswith("--"))
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                names |= _long_options(sub)
+    return names
+
+
+def caffe_flags(argv: Sequence[str], parser: argparse.ArgumentParser) -> list[str]:
+    """gflags' single-dash spelling to argparse's: ``-solver=x`` → ``--solver=x``.
+
+    Only words that name a known long option are rewritten (so ``-v`` and a negative number stay
+    as they are); everything after a bare ``--`` is left alone.
+    """
+    known = _long_options(parser)
+    out: list[str] = []
+    for k, word in enumerate(argv):
+        if word == "--":
+            return out + list(argv[k:])
+        match = _SINGLE_DASH.fullmatch(word)
+        if match and f"--{match.group(1)}" in known:
+            word = "-" + word
+        out.append(word)
+    return out
+
+
 # -- entry point -----------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     """Run the ``engine`` command; returns the exit status."""
+    parser = build_parser()
     try:
-        args = build_parser().parse_args(argv)
+        args = parser.parse_args(caffe_flags(sys.argv[1:] if argv is None else argv, parser))
     except UsageError as exc:
         return _report(exc, verbose=False, status=2)
     except SystemExit as exc:  # --help
         return exc.code if isinstance(exc.code, int) else 0
+    if args.version:
+        from engine.device import version_line
+
+        print(version_line())
+        return 0
+    if args.command is None:
+        return _report(UsageError("need a command, e.g. engine train SOLVER.prototxt (see "
+                                  "'engine --help')"), verbose=False, status=2)
     if getattr(args, "iterations", 1) < 1:
         return _report(UsageError("--iterations must be at least 1"), verbose=False, status=2)
     level = logging.WARNING if args.quiet else logging.INFO

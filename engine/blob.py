@@ -2,11 +2,36 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import contextlib
+import contextvars
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
+from numpy.lib.stride_tricks import as_strided
 
 MAX_AXES = 32  # Caffe's kMaxBlobAxes
+
+_SHAPE_ONLY = contextvars.ContextVar("moka_blob_shape_only", default=False)
+
+
+@contextlib.contextmanager
+def shape_only() -> Iterator[None]:
+    """Blobs reshaped inside this block record their shape but hold no memory.
+
+    Their ``data`` and ``diff`` are zero-stride views of one element each, so a net built inside
+    (``engine summary``) has every top and parameter shape without allocating activations;
+    fillers do nothing. Values written to such a blob are meaningless. Not for running a net.
+    """
+    token = _SHAPE_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _SHAPE_ONLY.reset(token)
+
+
+def shape_only_active() -> bool:
+    """Whether blobs are being built by :func:`shape_only` (fillers skip their work then)."""
+    return _SHAPE_ONLY.get()
 
 
 def _as_shape(dims: Sequence[int] | Iterable[int]) -> tuple[int, ...]:
@@ -62,6 +87,13 @@ class Blob:
         if len(dims) == 1 and not isinstance(dims[0], int | np.integer):
             dims = tuple(dims[0])  # type: ignore[arg-type]
         shape = _as_shape(dims)  # type: ignore[arg-type]
+        if _SHAPE_ONLY.get():
+            self._data_buf = np.zeros(1, self.dtype)
+            self._diff_buf = np.zeros(1, self.dtype)
+            strides = (0,) * len(shape)
+            self.data = as_strided(self._data_buf, shape, strides, writeable=True)
+            self.diff = as_strided(self._diff_buf, shape, strides, writeable=True)
+            return
         if shape == self.data.shape and self.data.base is self._data_buf:
             return
         count = int(np.prod(shape, dtype=np.int64))

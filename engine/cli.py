@@ -409,6 +409,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = _add_command(subparsers, upgrade, "upgrade")
     p.add_argument("input", metavar="IN.prototxt", help="a legacy net or solver prototxt")
     p.add_argument("output", metavar="OUT.prototxt", help="where to write the upgraded file")
+
+    from engine import summary  # the tool belt: each module registers its own subcommands
+
+    for module in (summary,):
+        module.add_commands(subparsers, _add_command, _net_state_flags)
     return parser
 
 

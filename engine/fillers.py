@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from engine.blob import shape_only_active
 from engine.errors import NetError
 
 FillerFn = Callable[[tuple[int, ...], object, np.random.Generator], np.ndarray]
@@ -32,6 +33,8 @@ def fill(shape: Sequence[int], param, rng: np.random.Generator) -> np.ndarray:
         raise NetError(f"unknown filler type {param.type!r}; known: {', '.join(sorted(FILLERS))}")
     if param.sparse != -1 and param.type != "gaussian":
         raise NetError(f"filler '{param.type}' does not support sparse; only gaussian does")
+    if shape_only_active():  # a net built for its shapes only (engine summary): no values
+        return np.broadcast_to(np.zeros((), np.float64), tuple(shape))
     return FILLERS[param.type](tuple(shape), param, rng)
 
 

@@ -64,6 +64,13 @@ class Layer:
     n_bottom: tuple[int, int | None] = (1, 1)
     n_top: tuple[int, int | None] = (1, 1)
     auto_top: bool = False  # Caffe's AutoTopBlobs: create anonymous tops up to the minimum
+    # What backward reads of the values forward saw. The Net keeps a copy of a value that a
+    # later in-place layer overwrites only for a layer that declares it reads it, so the
+    # defaults are the safe ones. In place, bottom and top are one array: a layer that keeps
+    # its own copy of what it needs from its input there says so with keeps_bottom_in_place.
+    backward_needs_bottom_data: bool = True
+    backward_needs_top_data: bool = True
+    keeps_bottom_in_place: bool = False
 
     def __init__(self, param, phase: int = TRAIN, rng: np.random.Generator | None = None,
                  dtype: np.dtype | type = np.float32) -> None:

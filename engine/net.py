@@ -20,6 +20,7 @@ from engine import caffe_pb2, mode
 from engine.blob import Blob, blob_proto_array, blob_proto_shape, legacy_shape_matches
 from engine.errors import MokaError, NetError
 from engine.graph import filter_net, insert_splits
+from engine.in_place import plan_in_place
 from engine.layer import TEST, TRAIN, Layer, create_layer
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,7 @@ class Net:
         self._sweep_backward()
         if self.force_backward:
             self._force_backward()
+        self._plan_in_place()
         self.blob_loss_weights = OrderedDict((n, 0.0) for n in self.blobs)
         for names, weights in zip(self.top_names.values(), self.loss_weights, strict=True):
             for name, w in zip(names, weights, strict=True):
@@ -265,6 +267,16 @@ class Net:
                 for j, need in enumerate(self.bottom_need_backward[i])]
             layer.param_propagate_down = [True] * len(layer.blobs)
 
+    def _plan_in_place(self) -> None:
+        """Copies for values that a backward reads and a later in-place layer overwrites."""
+        names = {id(blob): name for name, blob in self.blobs.items()}
+        self._in_place = plan_in_place(self.layers, self.bottom_vecs, self.top_vecs,
+                                       self.layer_need_backward, names)
+        self.in_place_copies = self._in_place.records
+        for reader, blob, writer in self.in_place_copies:
+            log.info("Keeping a copy of %s for %s's backward (%s overwrites it in place)",
+                     blob, reader, writer)
+
     # -- running -------------------------------------------------------------------------------
     def _range(self, start, end) -> tuple[int, int]:
         names = self._layer_names
@@ -280,6 +292,7 @@ class Net:
         for i in range(start, end + 1):
             layer, bottom, top = self.layers[i], self.bottom_vecs[i], self.top_vecs[i]
             layer.reshape(bottom, top)
+            self._in_place.copy_values(i)
             layer.forward(bottom, top)
             for w, blob in zip(self.loss_weights[i], top, strict=True):
                 if w:
@@ -291,8 +304,9 @@ class Net:
         start = len(self.layers) - 1 if start is None else start
         for i in range(start, end - 1, -1):
             if self.layer_need_backward[i]:
-                self.layers[i].backward(self.top_vecs[i], self.bottom_need_backward[i],
-                                        self.bottom_vecs[i])
+                top, bottom = self._in_place.backward_vecs(i, self.top_vecs[i],
+                                                           self.bottom_vecs[i])
+                self.layers[i].backward(top, self.bottom_need_backward[i], bottom)
 
     def _seed_loss_diffs(self) -> None:
         for weights, top in zip(self.loss_weights, self.top_vecs, strict=True):

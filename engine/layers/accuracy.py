@@ -24,6 +24,9 @@ class Accuracy(Layer):
     class with no labels. No gradient.
     """
 
+    backward_needs_bottom_data = False
+    backward_needs_top_data = False
+
     n_bottom = (2, 2)
     n_top = (1, 2)
 

@@ -22,6 +22,10 @@ from engine.layer import NeuronLayer, register_layer
 class _KeepsInput(NeuronLayer):
     """A neuron layer whose backward reads x: an in-place forward keeps a copy of x."""
 
+    backward_needs_bottom_data = True
+    backward_needs_top_data = False
+    keeps_bottom_in_place = True
+
     _saved: np.ndarray | None = None
 
     def _keep_input(self, bottom: list[Blob], top: list[Blob]) -> None:
@@ -95,6 +99,8 @@ class ELU(_KeepsInput):
     Caffe's form ``max(x, 0) + alpha * (exp(min(x, 0)) - 1)``. Shape: any, top like bottom.
     """
 
+    backward_needs_top_data = True
+
     def setup(self, bottom: list[Blob], top: list[Blob]) -> None:
         self.alpha = float(self.param.elu_param.alpha)
 
@@ -119,6 +125,9 @@ class ELU(_KeepsInput):
 class AbsVal(NeuronLayer):
     """y = |x|; dy/dx = sign(x) (0 at 0). Shape: any, top like bottom; not in place (Caffe)."""
 
+    backward_needs_bottom_data = True
+    backward_needs_top_data = False
+
     def reshape(self, bottom: list[Blob], top: list[Blob]) -> None:
         if top[0] is bottom[0]:
             raise self.error("does not allow in-place computation (backward needs the sign of "
@@ -140,6 +149,9 @@ class BNLL(NeuronLayer):
 
     dy/dx = sigmoid(x) = 1 - exp(-y), read from the top data (safe in place). Shape: any.
     """
+
+    backward_needs_bottom_data = False
+    backward_needs_top_data = True
 
     def forward(self, bottom: list[Blob], top: list[Blob]) -> None:
         x = bottom[0].data
@@ -213,6 +225,9 @@ class Exp(NeuronLayer):
     Computed as Caffe does: base^shift * exp(ln(base) * scale * x). Safe in place. Shape: any.
     """
 
+    backward_needs_bottom_data = False
+    backward_needs_top_data = True
+
     def setup(self, bottom: list[Blob], top: list[Blob]) -> None:
         p = self.param.exp_param
         log_base = _log_base(self, float(p.base))
@@ -270,6 +285,9 @@ class Threshold(NeuronLayer):
     zeros (Caffe leaves it NOT_IMPLEMENTED). Shape: any, top like bottom.
     """
 
+    backward_needs_bottom_data = False
+    backward_needs_top_data = False
+
     def setup(self, bottom: list[Blob], top: list[Blob]) -> None:
         self.threshold = float(self.param.threshold_param.threshold)
 
@@ -287,6 +305,10 @@ class Clip(NeuronLayer):
     """y = max(min, min(x, max)); dy/dx = 1 where min <= x <= max (both ends included, as
     Caffe), else 0. Both ``clip_param.min`` and ``max`` are required. Shape: any.
     """
+
+    backward_needs_bottom_data = True
+    backward_needs_top_data = False
+    keeps_bottom_in_place = True
 
     def setup(self, bottom: list[Blob], top: list[Blob]) -> None:
         p = self.param.clip_param
@@ -320,6 +342,9 @@ class Swish(NeuronLayer):
     The sigmoid is Caffe's 0.5 * tanh(0.5 z) + 0.5 and is kept for backward, which with the top
     data makes the layer safe in place. Shape: any, top like bottom.
     """
+
+    backward_needs_bottom_data = False
+    backward_needs_top_data = True
 
     def setup(self, bottom: list[Blob], top: list[Blob]) -> None:
         self.beta = float(self.param.swish_param.beta)

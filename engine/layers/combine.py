@@ -23,6 +23,9 @@ class Concat(Layer):
     bottom the top is a view of it, as in Caffe.
     """
 
+    backward_needs_bottom_data = False
+    backward_needs_top_data = False
+
     n_bottom = (1, None)
 
     def setup(self, bottom: list[Blob], top: list[Blob]) -> None:
@@ -100,6 +103,9 @@ class Eltwise(Layer):
         self.coeffs = [float(c) for c in p.coeff] or [1.0] * len(bottom)
         self.stable_prod_grad = bool(p.stable_prod_grad)
         self._argmax: np.ndarray | None = None
+        # only PROD's gradient reads values (the other bottoms, or y / x_i)
+        self.backward_needs_bottom_data = self.op == PROD
+        self.backward_needs_top_data = self.op == PROD
 
     def reshape(self, bottom: list[Blob], top: list[Blob]) -> None:
         for i, b in enumerate(bottom[1:], 1):

@@ -36,6 +36,9 @@ class Convolution(Layer):
     layer's forward and its backward (an in-place writer gets a Split copy).
     """
 
+    backward_needs_bottom_data = True
+    backward_needs_top_data = False
+
     n_bottom = (1, None)
     n_top = (1, None)
 

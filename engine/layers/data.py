@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 class DataLayer(Layer):
     """No bottoms; ``backward`` does nothing."""
 
+    backward_needs_bottom_data = False
+    backward_needs_top_data = False
+
     n_bottom = (0, 0)
 
     @property

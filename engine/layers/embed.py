@@ -19,6 +19,9 @@ class Embed(Layer):
     The indices get no gradient.
     """
 
+    backward_needs_bottom_data = True
+    backward_needs_top_data = False
+
     def setup(self, bottom: list[Blob], top: list[Blob]) -> None:
         embed_param = self.param.embed_param
         self.num_output = embed_param.num_output

@@ -20,6 +20,9 @@ class InnerProduct(Layer):
     bias b is (N,). As in Caffe, K is fixed at setup: a later bottom with another K is an error.
     """
 
+    backward_needs_bottom_data = True
+    backward_needs_top_data = False
+
     def setup(self, bottom: list[Blob], top: list[Blob]) -> None:
         p = self.param.inner_product_param
         self.num_output = int(p.num_output)

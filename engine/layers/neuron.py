@@ -25,9 +25,13 @@ class ReLU(NeuronLayer):
     the mask of x > 0 for that case only.
     """
 
+    backward_needs_bottom_data = True
+    backward_needs_top_data = False
+
     def setup(self, bottom: list[Blob], top: list[Blob]) -> None:
         self.slope = float(self.param.relu_param.negative_slope)
         self._positive: np.ndarray | None = None
+        self.keeps_bottom_in_place = self.slope < 0  # the mask; else backward reads sign(y)
 
     def forward(self, bottom: list[Blob], top: list[Blob]) -> None:
         x, y = bottom[0].data, top[0].data
@@ -70,6 +74,9 @@ class Sigmoid(NeuronLayer):
     dy/dx = y (1 - y), from the top data. Shape: any, top like bottom.
     """
 
+    backward_needs_bottom_data = False
+    backward_needs_top_data = True
+
     def forward(self, bottom: list[Blob], top: list[Blob]) -> None:
         y = top[0].data
         np.multiply(bottom[0].data, 0.5, out=y)
@@ -92,6 +99,9 @@ class Sigmoid(NeuronLayer):
 class TanH(NeuronLayer):
     """y = tanh(x); dy/dx = 1 - y^2, from the top data. Shape: any, top like bottom."""
 
+    backward_needs_bottom_data = False
+    backward_needs_top_data = True
+
     def forward(self, bottom: list[Blob], top: list[Blob]) -> None:
         np.tanh(bottom[0].data, out=top[0].data)
 
@@ -111,6 +121,9 @@ class Dropout(NeuronLayer):
     r is ``dropout_ratio``. Backward scales by the same mask (TRAIN) or copies (TEST). The mask
     is drawn from ``self.rng`` on every TRAIN forward. Shape: any, top like bottom.
     """
+
+    backward_needs_bottom_data = False
+    backward_needs_top_data = False
 
     def setup(self, bottom: list[Blob], top: list[Blob]) -> None:
         self.ratio = float(self.param.dropout_param.dropout_ratio)

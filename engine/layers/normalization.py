@@ -41,6 +41,9 @@ class LRN(Layer):
     Shapes: bottom (N, C, H, W), top like bottom; not in place (backward needs x).
     """
 
+    backward_needs_bottom_data = True
+    backward_needs_top_data = True
+
     def setup(self, bottom: list[Blob], top: list[Blob]) -> None:
         p = self.param.lrn_param
         self.size = int(p.local_size)
@@ -113,6 +116,9 @@ class BatchNorm(Layer):
 
     Shapes: bottom (N, C, ...) or (N,) (one channel), top like bottom; safe in place.
     """
+
+    backward_needs_bottom_data = False
+    backward_needs_top_data = False
 
     def setup(self, bottom: list[Blob], top: list[Blob]) -> None:
         p = self.param.batch_norm_param
@@ -209,6 +215,9 @@ class MVN(Layer):
     (``dx = dy - mean(dy)`` without variance normalization). Shapes: any with N (and C), top
     like bottom; safe in place.
     """
+
+    backward_needs_bottom_data = False
+    backward_needs_top_data = False
 
     def setup(self, bottom: list[Blob], top: list[Blob]) -> None:
         p = self.param.mvn_param

@@ -44,6 +44,9 @@ class Pooling(Layer):
     whose exact gradient TEST backward gives.
     """
 
+    backward_needs_bottom_data = True
+    backward_needs_top_data = False
+
     n_bottom = (1, 1)
     n_top = (1, 2)
 

@@ -70,6 +70,10 @@ class Scale(Layer):
     broadcast axes. Shapes: top like bottom 0; safe in place.
     """
 
+    backward_needs_bottom_data = True
+    backward_needs_top_data = False
+    keeps_bottom_in_place = True
+
     n_bottom = (1, 2)
 
     def setup(self, bottom: list[Blob], top: list[Blob]) -> None:
@@ -137,6 +141,9 @@ class Bias(Layer):
     Gradients: dx = dy; db = sum(dy) over the broadcast axes. Shapes: top like bottom 0; safe in
     place.
     """
+
+    backward_needs_bottom_data = False
+    backward_needs_top_data = False
 
     n_bottom = (1, 2)
 

@@ -28,6 +28,9 @@ class Slice(Layer):
     legacy ``slice_dim``, when given, is the axis (Caffe reads it before ``axis``).
     """
 
+    backward_needs_bottom_data = False
+    backward_needs_top_data = False
+
     n_bottom = (1, 1)
     n_top = (1, None)
 
@@ -87,6 +90,9 @@ class Crop(Layer):
     diff into the cropped window of bottom 0's diff, zeros elsewhere; bottom 1 gets none.
     """
 
+    backward_needs_bottom_data = False
+    backward_needs_top_data = False
+
     n_bottom = (2, 2)
     n_top = (1, 1)
 
@@ -136,6 +142,9 @@ class Tile(Layer):
     whole trailing block repeats (``[x, x, x]`` along ``axis``, not ``[x0, x0, x1, x1]``).
     Backward sums the copies.
     """
+
+    backward_needs_bottom_data = False
+    backward_needs_top_data = False
 
     n_bottom = (1, 1)
     n_top = (1, 1)

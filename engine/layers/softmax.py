@@ -57,6 +57,9 @@ class Softmax(NeuronLayer):
     Backward: ``dx = (dy - sum(dy * y over axis)) * y``.
     """
 
+    backward_needs_bottom_data = False
+    backward_needs_top_data = True
+
     def setup(self, bottom: list[Blob], top: list[Blob]) -> None:
         self.axis = self.param.softmax_param.axis
 

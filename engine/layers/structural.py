@@ -43,6 +43,9 @@ def canonical_axis(layer: Layer, blob: Blob, axis: int, field: str) -> int:
 class _ViewLayer(Layer):
     """One bottom, one top that is a reshaped view of it; subclasses give the top shape."""
 
+    backward_needs_bottom_data = False
+    backward_needs_top_data = False
+
     def top_shape(self, bottom: Blob) -> tuple[int, ...]:
         raise NotImplementedError
 
@@ -71,6 +74,9 @@ class Split(Layer):
     Backward: bottom diff = sum of the top diffs (each top keeps its own diff). The Net inserts
     these itself (``<blob>_<layer>_<i>_split``). Shape: every top like the bottom.
     """
+
+    backward_needs_bottom_data = False
+    backward_needs_top_data = False
 
     n_top = (1, None)
 

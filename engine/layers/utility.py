@@ -21,6 +21,9 @@ class Silence(Layer):
     Backward writes zero bottom diffs, as Caffe's does.
     """
 
+    backward_needs_bottom_data = False
+    backward_needs_top_data = False
+
     n_bottom = (1, None)
     n_top = (0, 0)
 
@@ -44,6 +47,9 @@ class Reduction(Layer):
     Top shape: ``bottom.shape[:axis]`` (a scalar for axis 0, the default).
     Backward: ``coeff * dy_i * f'(x_ij)``; ASUM uses sign(x), 0 at 0, as Caffe's caffe_cpu_sign.
     """
+
+    backward_needs_bottom_data = True
+    backward_needs_top_data = False
 
     def setup(self, bottom: list[Blob], top: list[Blob]) -> None:
         reduction_param = self.param.reduction_param
@@ -100,6 +106,9 @@ class ArgMax(Layer):
     indices. Ties: Caffe sorts (value, index) pairs descending, so the **higher index wins**.
     Indices are written as floats. No gradient.
     """
+
+    backward_needs_bottom_data = False
+    backward_needs_top_data = False
 
     def setup(self, bottom: list[Blob], top: list[Blob]) -> None:
         argmax_param = self.param.argmax_param
@@ -219,6 +228,9 @@ class BatchReindex(Layer):
     never picked get 0. The indices get no gradient.
     """
 
+    backward_needs_bottom_data = False
+    backward_needs_top_data = False
+
     n_bottom = (2, 2)
 
     def allow_force_backward(self, bottom_index: int) -> bool:
@@ -257,6 +269,9 @@ class Parameter(Layer):
     out and backward adds the top diff into the parameter diff. No filler: the blob starts
     at zero unless weights are loaded.
     """
+
+    backward_needs_bottom_data = False
+    backward_needs_top_data = False
 
     n_bottom = (0, 0)
 

@@ -28,6 +28,7 @@ from google.protobuf.descriptor import FieldDescriptor
 
 from engine import caffe_pb2
 from engine.errors import ParseError
+from engine.protobuf_compat import is_repeated
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +136,7 @@ def _copies(repeated) -> list:
 def _assign(message, field: str, value) -> None:
     """Set ``message.field`` to ``value`` whatever the field's label and kind."""
     descriptor = message.DESCRIPTOR.fields_by_name[field]
-    if descriptor.is_repeated:
+    if is_repeated(descriptor):
         getattr(message, field).append(value)
     elif descriptor.type == FieldDescriptor.TYPE_MESSAGE:
         getattr(message, field).CopyFrom(value)

@@ -9,6 +9,7 @@ import pytest
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 from engine import caffe_pb2
+from engine.protobuf_compat import is_packed, is_repeated, is_required
 
 REPO = Path(__file__).resolve().parents[1]
 COMMITTED = REPO / "engine" / "caffe_pb2.py"
@@ -328,7 +329,7 @@ def test_packed_fields_are_exactly_caffes():
     packed = set()
     for message in caffe_pb2.DESCRIPTOR.message_types_by_name.values():
         for field in message.fields:
-            if field.is_packed:
+            if is_packed(field):
                 packed.add(f"{message.name}.{field.name}")
     assert packed == {
         "BlobShape.dim",
@@ -341,12 +342,13 @@ def test_packed_fields_are_exactly_caffes():
 
 
 def test_labels():
-    assert _field("V1LayerParameter", "blobs_lr").is_repeated
-    assert _field("V1LayerParameter", "blob_share_mode").is_repeated
-    assert _field("LayerParameter", "propagate_down").is_repeated
-    assert not _field("LayerParameter", "phase").is_repeated
-    assert _field("ClipParameter", "min").is_required
-    assert _field("ClipParameter", "max").is_required
+    assert is_repeated(_field("V1LayerParameter", "blobs_lr"))
+    assert is_repeated(_field("V1LayerParameter", "blob_share_mode"))
+    assert is_repeated(_field("LayerParameter", "propagate_down"))
+    assert not is_repeated(_field("LayerParameter", "phase"))
+    assert not is_required(_field("LayerParameter", "phase"))
+    assert is_required(_field("ClipParameter", "min"))
+    assert is_required(_field("ClipParameter", "max"))
     assert _field("Datum", "channels").type == _field("Datum", "channels").TYPE_INT32
     assert _field("BlobShape", "dim").type == _field("BlobShape", "dim").TYPE_INT64
     assert _field("SolverParameter", "random_seed").type == _field("BlobShape", "dim").TYPE_INT64
@@ -380,7 +382,11 @@ def test_moka_resume_is_skipped_by_a_caffe_only_schema():
             message.field.extend(kept)
     pool = descriptor_pool.DescriptorPool()
     pool.Add(file_proto)
-    caffe_only = message_factory.GetMessageClass(pool.FindMessageTypeByName("caffe.SolverState"))
+    solver_state = pool.FindMessageTypeByName("caffe.SolverState")
+    if hasattr(message_factory, "GetMessageClass"):
+        caffe_only = message_factory.GetMessageClass(solver_state)
+    else:  # protobuf < 4.22
+        caffe_only = message_factory.MessageFactory(pool).GetPrototype(solver_state)
 
     plain = caffe_only.FromString(blob)
     assert plain.iter == 7

@@ -122,7 +122,8 @@ class BatchNorm(Layer):
 
     def setup(self, bottom: list[Blob], top: list[Blob]) -> None:
         p = self.param.batch_norm_param
-        self.maf, self.eps = float(p.moving_average_fraction), float(p.eps)
+        # float32 as in Caffe (pure-Python protobuf runtimes return float defaults unrounded)
+        self.maf, self.eps = float(np.float32(p.moving_average_fraction)), float(np.float32(p.eps))
         self.use_global_stats = (bool(p.use_global_stats) if p.HasField("use_global_stats")
                                  else self.phase == TEST)
         self.channels = 1 if bottom[0].num_axes == 1 else bottom[0].shape[1]

@@ -154,7 +154,8 @@ class Blob:
         from engine.io import fill_blob_proto
 
         proto = caffe_pb2.BlobProto()
-        proto.shape.dim.extend(self.shape)
+        if self.shape:  # a scalar (PReLU channel_shared) has no shape field, as Caffe writes it
+            proto.shape.dim.extend(self.shape)
         fill_blob_proto(proto, self.data)
         if write_diff:
             fill_blob_proto(proto, self.diff, diff=True)
@@ -172,14 +173,23 @@ class Blob:
         return f"Blob(shape={self.shape}, dtype={self.dtype.name})"
 
 
+def _has_legacy_shape(proto) -> bool:
+    return any(proto.HasField(f) for f in ("num", "channels", "height", "width"))
+
+
 def blob_proto_shape(proto) -> tuple[int, ...]:
-    """The shape a BlobProto declares: ``shape.dim`` or the legacy num/channels/height/width."""
+    """The shape a BlobProto declares: ``shape.dim`` or the legacy num/channels/height/width.
+
+    With neither, Caffe reads no dims: a scalar, which is how it writes a 0-axis parameter
+    (PReLU ``channel_shared``, Scale/Bias ``num_axes: 0``). A dim-less proto holding several
+    values is taken as a vector of them.
+    """
     if proto.HasField("shape"):
         return _as_shape(proto.shape.dim)
-    legacy = (proto.num, proto.channels, proto.height, proto.width)
-    if any(proto.HasField(f) for f in ("num", "channels", "height", "width")):
-        return legacy
-    return (len(proto.data) or len(proto.double_data),)
+    if _has_legacy_shape(proto):
+        return (proto.num, proto.channels, proto.height, proto.width)
+    values = len(proto.data) or len(proto.double_data)
+    return () if values == 1 else (values,)
 
 
 def legacy_shape_matches(proto, shape: Sequence[int]) -> bool:
@@ -187,8 +197,8 @@ def legacy_shape_matches(proto, shape: Sequence[int]) -> bool:
 
     An old InnerProduct weight is stored as 1x1xMxK and an old bias as 1x1x1xN.
     """
-    if proto.HasField("shape"):
-        return tuple(proto.shape.dim) == tuple(shape)
+    if not _has_legacy_shape(proto):
+        return blob_proto_shape(proto) == tuple(shape)
     if len(shape) > 4:
         return False
     padded = (1,) * (4 - len(shape)) + tuple(shape)

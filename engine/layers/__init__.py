@@ -15,6 +15,7 @@ from engine.layers import (  # noqa: F401
     neuron,
     normalization,
     pooling,
+    recurrent,
     scale,
     slicing,
     softmax,

@@ -24,6 +24,8 @@ SOLVERS = [p for p in PROTOTXTS if "solver" in p.name]
 NETS = [p for p in PROTOTXTS if "solver" not in p.name]
 ACCURACY = re.compile(r"Test net output #\d+: accuracy = ([.\deE+-]+)")
 LENET_SOLVER = MODELS / "lenet/lenet_solver.prototxt"
+# held-out items each example's test phase covers once (test_iter x test batch)
+HELD_OUT = {"lenet": 360, "finetune_digits": 360, "lstm_sequence": 160}
 
 
 def rel(path: Path) -> str:
@@ -36,8 +38,8 @@ def at_root(monkeypatch):
 
 
 def test_models_are_found():
-    assert {"lenet", "finetune_digits"} <= {p.parent.name for p in PROTOTXTS}
-    assert len(SOLVERS) == 2
+    assert set(HELD_OUT) <= {p.parent.name for p in PROTOTXTS}
+    assert len(SOLVERS) == 3
 
 
 @pytest.mark.parametrize("path", NETS, ids=rel)
@@ -56,7 +58,7 @@ def test_every_solver_parses_and_names_existing_files(path, at_root):
     assert param.snapshot_prefix.startswith(rel(path.parent) + "/snapshots/")
     net = Net(param.net, engine.TEST)
     batch = net.blobs["data"].shape[0]
-    assert batch * param.test_iter[0] == 360  # the whole held-out set, once
+    assert batch * param.test_iter[0] == HELD_OUT[path.parent.name]  # the held-out set, once
 
 
 # -- the committed data ----------------------------------------------------------------------

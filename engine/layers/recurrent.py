@@ -93,6 +93,7 @@ class Recurrent(Layer):
     """
 
     n_states = 1  # recurrent state blobs: h (RNN) or h, c (LSTM)
+    backward_needs_top_data = False  # forward keeps what backward needs
     state_names: tuple[str, ...] = ("h",)
 
     def __init__(self, param, *args, **kwargs) -> None:
@@ -377,6 +378,7 @@ class LSTMUnit(Layer):
 
     n_bottom = (3, 3)
     n_top = (2, 2)
+    backward_needs_top_data = False  # the gate activations are kept from forward
 
     def allow_force_backward(self, bottom_index: int) -> bool:
         return bottom_index != 2

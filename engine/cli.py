@@ -410,9 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", metavar="IN.prototxt", help="a legacy net or solver prototxt")
     p.add_argument("output", metavar="OUT.prototxt", help="where to write the upgraded file")
 
-    from engine import summary  # the tool belt: each module registers its own subcommands
+    from engine import logs, summary  # the tool belt: each module registers its subcommands
 
-    for module in (summary,):
+    for module in (summary, logs):
         module.add_commands(subparsers, _add_command, _net_state_flags)
     return parser
 

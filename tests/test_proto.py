@@ -183,6 +183,15 @@ LAYER_PARAMS = {
     "clip_param": 148,
 }
 
+# The segmentation forks' per-type fields: the fork's number, or 1000 + it where BVLC Caffe
+# later took that number (see the comments in proto/caffe.proto).
+SEGMENTATION_FORK_PARAMS = {
+    "bn_param": 45,  # SegNet (alexgkendall/caffe-segnet), ENet (TimoSaemann/caffe-enet)
+    "dense_image_data_param": 46,  # ENet; SegNet's 138 is BVLC's tile_param
+    "upsample_param": 1137,  # SegNet 137 (BVLC embed_param), ENet 147 (BVLC swish_param)
+    "interp_param": 1143,  # DeepLab v2 / PSPNet 143 (BVLC input_param)
+}
+
 # Every per-type field of the legacy V1LayerParameter, with its V1 numbers.
 V1_PARAMS = {
     "concat_param": 9,
@@ -221,7 +230,7 @@ V1_PARAMS = {
 def test_layer_parameter_type_fields_complete():
     fields = caffe_pb2.LayerParameter.DESCRIPTOR.fields_by_name
     got = {n: f.number for n, f in fields.items() if n.endswith("_param")}
-    assert got == LAYER_PARAMS
+    assert got == LAYER_PARAMS | SEGMENTATION_FORK_PARAMS
 
 
 def test_v1_layer_parameter_type_fields_complete():
@@ -397,3 +406,27 @@ def test_moka_resume_is_skipped_by_a_caffe_only_schema():
     again = caffe_pb2.SolverState.FromString(blob)
     assert list(again.moka_resume.layer_state[0].order) == [2, 0, 1]
     assert again.moka_resume.loss_window == pytest.approx([0.5, 0.25])
+
+
+def test_segmentation_fork_messages():
+    """The fork messages' own field numbers, as the forks define them."""
+    numbers = {
+        caffe_pb2.UpsampleParameter: {"scale": 1, "scale_h": 2, "scale_w": 3, "pad_out_h": 4,
+                                      "pad_out_w": 5, "upsample_h": 6, "upsample_w": 7},
+        caffe_pb2.BNParameter: {"scale_filler": 1, "shift_filler": 2, "bn_mode": 3, "eps": 4,
+                                "frozen": 5, "engine": 6, "slope_filler": 1001,
+                                "bias_filler": 1002, "momentum": 1003},
+        caffe_pb2.InterpParameter: {"height": 1, "width": 2, "zoom_factor": 3,
+                                    "shrink_factor": 4, "pad_beg": 5, "pad_end": 6},
+        caffe_pb2.DenseImageDataParameter: {
+            "source": 1, "batch_size": 2, "rand_skip": 3, "shuffle": 4, "new_height": 5,
+            "new_width": 6, "is_color": 7, "mean_file": 8, "root_folder": 9, "mirror": 10,
+            "crop_width": 11, "crop_height": 12, "label_divide_factor": 13},
+    }
+    for message, expected in numbers.items():
+        got = {f.name: f.number for f in message.DESCRIPTOR.fields}
+        assert got == expected, message.DESCRIPTOR.name
+    assert caffe_pb2.UpsampleParameter().scale == 2
+    assert caffe_pb2.BNParameter.INFERENCE == 1
+    assert caffe_pb2.PoolingParameter.DESCRIPTOR.fields_by_name["ceil_mode"].number == 1013
+    assert caffe_pb2.PoolingParameter().ceil_mode is True

@@ -3,6 +3,7 @@
 from engine.layers import (  # noqa: F401
     accuracy,
     activation,
+    bn,
     combine,
     convolution,
     data,
@@ -15,8 +16,10 @@ from engine.layers import (  # noqa: F401
     neuron,
     normalization,
     pooling,
+    ported,
     recurrent,
     scale,
+    segmentation,
     slicing,
     softmax,
     spp,

@@ -1,6 +1,7 @@
 """Pooling: prototxt type ``Pooling``, configured by ``pooling_param`` (PoolingParameter: ``pool``
 MAX | AVE | STOCHASTIC, ``kernel_size``/``kernel_h``/``kernel_w``, ``stride``/``stride_h``/
-``stride_w``, ``pad``/``pad_h``/``pad_w``, ``global_pooling``, ``round_mode`` CEIL | FLOOR)."""
+``stride_w``, ``pad``/``pad_h``/``pad_w``, ``global_pooling``, ``round_mode`` CEIL | FLOOR, and
+the forks' ``ceil_mode`` true | false, the same choice spelt as BVLC pull request 3057 does)."""
 
 from __future__ import annotations
 
@@ -30,10 +31,10 @@ class Pooling(Layer):
     """Max, average or stochastic pooling over each (n, c) plane.
 
     Shapes: bottom (N, C, H, W) -> top (N, C, PH, PW) with ``PH = ceil((H + 2*pad - k) / stride)
-    + 1`` (floor under ``round_mode: FLOOR``), less one when ``pad > 0`` and the last window would
-    start in the padding (Caffe's clip rule). MAX may have a second top: the argmax as Caffe's
-    flat index ``h * W + w`` into the input plane, stored as a float (-1 for a window with no
-    cell), and the gradient goes to that cell only.
+    + 1`` (floor under ``round_mode: FLOOR`` or the forks' ``ceil_mode: false``), less one
+    when ``pad > 0`` and the last window would start in the padding (Caffe's clip rule). MAX
+    may have a second top: the argmax as Caffe's flat index ``h * W + w`` into the input plane,
+    stored as a float (-1 for a window with no cell), and the gradient goes to that cell only.
 
     Caffe quirks matched: windows are clipped to the image, so padding never wins a MAX; ties go
     to the first maximum in row-major window order (strict ``>`` from -FLT_MAX). AVE sums the
@@ -53,7 +54,7 @@ class Pooling(Layer):
     def setup(self, bottom: list[Blob], top: list[Blob]) -> None:
         p = self.param.pooling_param
         self.method, self.global_pooling = p.pool, p.global_pooling
-        self.round_up = p.round_mode == CEIL
+        self.round_up = self._round_up(p)
         self.kernel = self._kernel(p)
         self.stride = self._pair(p, "stride", 1)
         self.pad = self._pair(p, "pad", 0)
@@ -71,6 +72,14 @@ class Pooling(Layer):
             raise self.error("only MAX pooling has a second top (the argmax mask)")
         self._work = Workspace()
         self._shape_key: tuple = ()
+
+    def _round_up(self, p) -> bool:
+        if not p.HasField("ceil_mode"):
+            return p.round_mode == CEIL
+        if p.HasField("round_mode") and (p.round_mode == CEIL) != p.ceil_mode:
+            raise self.error(f"ceil_mode: {str(p.ceil_mode).lower()} contradicts round_mode: "
+                             f"{'CEIL' if p.round_mode == CEIL else 'FLOOR'}; give one of them")
+        return bool(p.ceil_mode)
 
     def _kernel(self, p) -> tuple[int, int] | None:
         given = [f for f in ("kernel_size", "kernel_h", "kernel_w") if p.HasField(f)]

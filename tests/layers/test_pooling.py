@@ -98,6 +98,13 @@ CASES = [
     (8, 7, "kernel_size: 2 stride: 3", (2, 2), (3, 3), (0, 0), True, (3, 3)),  # stride > kernel
     (5, 5, "kernel_size: 5", (5, 5), (1, 1), (0, 0), True, (1, 1)),
     (4, 5, "global_pooling: true", (4, 5), (1, 1), (0, 0), True, (1, 1)),
+    # the forks' spelling (BVLC pull request 3057)
+    (7, 6, "kernel_size: 3 stride: 2 ceil_mode: false", (3, 3), (2, 2), (0, 0), False, (3, 2)),
+    (7, 6, "kernel_size: 3 stride: 2 pad: 1 ceil_mode: false", (3, 3), (2, 2), (1, 1), False,
+     (4, 3)),
+    (7, 6, "kernel_size: 3 stride: 2 ceil_mode: true", (3, 3), (2, 2), (0, 0), True, (3, 3)),
+    (7, 6, "kernel_size: 3 stride: 2 ceil_mode: false round_mode: FLOOR", (3, 3), (2, 2),
+     (0, 0), False, (3, 2)),
 ]
 IDS = [c[2] for c in CASES]
 
@@ -311,3 +318,9 @@ def test_max_test_phase_backward_recovers_the_argmax():
     top[0].diff[...] = np.arange(top[0].count).reshape(top[0].shape)
     layer.backward(top, [True], [x])
     np.testing.assert_array_equal(x.diff, caffe_max_backward(top[0].diff, mask, x.shape))
+
+
+def test_ceil_mode_contradicting_round_mode_is_refused():
+    with pytest.raises(LayerError, match="ceil_mode: false contradicts round_mode: CEIL"):
+        pool("kernel_size: 3 stride: 2 ceil_mode: false round_mode: CEIL",
+             random_blob((1, 1, 7, 6)))

@@ -430,3 +430,6 @@ def test_segmentation_fork_messages():
     assert caffe_pb2.BNParameter.INFERENCE == 1
     assert caffe_pb2.PoolingParameter.DESCRIPTOR.fields_by_name["ceil_mode"].number == 1013
     assert caffe_pb2.PoolingParameter().ceil_mode is True
+    loss = caffe_pb2.LossParameter.DESCRIPTOR.fields_by_name
+    assert loss["class_weighting"].number == 4
+    assert loss["weight_by_label_freqs"].number == 1003

@@ -94,6 +94,10 @@ class SoftmaxWithLoss(LossLayer):
     top 0 a scalar, optional top 1 the probabilities (shape of the scores, loss weight 0, and,
     as in Caffe, no gradient flows back from it). A saturated loss is -ln(FLT_MIN) = 87.3365.
     Backward: ``(p - onehot(label)) * top_diff / normalizer``, zero at ignored positions.
+
+    SegNet/ENet forks: ``loss_param { weight_by_label_freqs: true class_weighting: w_0 ... }``
+    (one weight per class) multiplies each position's loss and gradient by ``w[label]``; the
+    normalizer still counts positions, not weights, as the forks do.
     """
 
     n_top = (1, 2)
@@ -103,10 +107,15 @@ class SoftmaxWithLoss(LossLayer):
         loss_param = self.param.loss_param
         self.ignore_label = loss_param.ignore_label if loss_param.HasField("ignore_label") else None
         self.normalization = normalization_mode(loss_param, loss_param.normalization)
+        self.class_weights = np.array(loss_param.class_weighting, np.float64) \
+            if loss_param.weight_by_label_freqs else None
 
     def reshape(self, bottom: list[Blob], top: list[Blob]) -> None:
         super().reshape(bottom, top)
         self.dims = split_scores(self, bottom, self.axis)
+        if self.class_weights is not None and self.class_weights.size != self.dims[1]:
+            raise self.error(f"weight_by_label_freqs needs one class_weighting value per class "
+                             f"({self.dims[1]}); got {self.class_weights.size}")
         if len(top) > 1:
             top[1].reshape(bottom[0].shape)
 
@@ -117,6 +126,10 @@ class SoftmaxWithLoss(LossLayer):
                                               self.ignore_label)
         p_true = np.take_along_axis(self.prob, self.labels[:, None, :], axis=1)[:, 0, :]
         log_p = np.log(np.maximum(p_true, self.prob.dtype.type(FLT_MIN)))
+        self.weights = None
+        if self.class_weights is not None:
+            self.weights = self.class_weights.astype(log_p.dtype)[self.labels]
+            log_p = log_p * self.weights
         self.norm = normalizer(self.normalization, outer, inner, int(self.valid.sum()))
         top[0].data[...] = -np.sum(log_p, where=self.valid) / self.norm
         if len(top) > 1:
@@ -131,6 +144,8 @@ class SoftmaxWithLoss(LossLayer):
         diff = self.prob * scale
         rows, cols = np.nonzero(self.valid)
         diff[rows, self.labels[rows, cols], cols] -= scale
+        if self.weights is not None:
+            diff *= self.weights[:, None, :]
         if self.ignore_label is not None:
             diff *= self.valid[:, None, :]
         bottom[0].diff[...] = diff.reshape(bottom[0].shape)

@@ -252,3 +252,45 @@ def test_backward_to_labels_is_an_error():
     layer.forward([scores, labels], top)
     with pytest.raises(LayerError, match="labels"):
         layer.backward(top, [True, True], [scores, labels])
+
+
+# -- SegNet/ENet class weighting -------------------------------------------------------------
+WEIGHTS = "weight_by_label_freqs: true class_weighting: 0.5 class_weighting: 2 " \
+          "class_weighting: 1.5 class_weighting: 0.25"
+
+
+def segnet_weighted_loss(scores, labels, weights, ignore):
+    """softmax_loss_layer.cpp (SegNet): sum of -w[label] log p over the kept positions, divided
+    by their count; gradient (p - onehot) * w[label] / count."""
+    n, _, h, w = scores.shape
+    loss, count, grad = 0.0, 0, np.zeros_like(scores)
+    for i, y, x in np.ndindex(n, h, w):
+        label = int(labels[i, 0, y, x])
+        if label == ignore:
+            continue
+        p = np.exp(scores[i, :, y, x] - scores[i, :, y, x].max())
+        p /= p.sum()
+        loss -= math.log(max(p[label], 1.1754944e-38)) * weights[label]
+        grad[i, :, y, x] = p * weights[label]
+        grad[i, label, y, x] -= weights[label]
+        count += 1
+    return loss / count, grad / count
+
+
+def test_class_weighting_follows_segnet():
+    scores, labels = spatial_case(ignore=3)
+    layer, (top,) = loss_layer(f"loss_param {{ {WEIGHTS} ignore_label: 3 }}", scores, labels)
+    layer.forward([scores, labels], [top])
+    loss, grad = segnet_weighted_loss(scores.data, labels.data, [0.5, 2, 1.5, 0.25], 3)
+    np.testing.assert_allclose(float(top.data), loss, rtol=1e-12)
+    top.diff[...] = 1
+    layer.backward([top], [True, False], [scores, labels])
+    np.testing.assert_allclose(scores.diff, grad, rtol=1e-12, atol=1e-15)
+    assert check_gradient(layer, [scores, labels], [top], check_bottom=[0]) == scores.count
+
+
+def test_class_weighting_needs_one_weight_per_class():
+    scores, labels = spatial_case()
+    with pytest.raises(LayerError, match="one class_weighting value per class \\(4\\); got 2"):
+        loss_layer("loss_param { weight_by_label_freqs: true class_weighting: 1 "
+                   "class_weighting: 2 }", scores, labels)

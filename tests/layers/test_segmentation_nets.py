@@ -1,0 +1,184 @@
+"""Nets shaped like the published segmentation models: a SegNet encoder-decoder (Conv/BN/ReLU,
+MAX Pooling with mask tops, Upsample by those masks, class-weighted SoftmaxWithLoss) and an
+ENet/PSPNet-shaped net (BN INFERENCE, ReLU6, an SE block joined by Axpy, a pyramid-pooling
+branch resized by Interp, an unpooling decoder). Each builds at batch 1 and 2, runs forward
+and backward; SegNet's gradient matches finite differences and a few SGD steps lower its loss.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from google.protobuf import text_format
+
+import engine
+from engine import caffe_pb2
+from engine.net import Net
+
+
+def conv(name, bottom, n, k=3, pad=1, stride=1):
+    return (f'layer {{ name: "{name}" type: "Convolution" bottom: "{bottom}" top: "{name}" '
+            f'convolution_param {{ num_output: {n} kernel_size: {k} pad: {pad} stride: {stride}'
+            f' weight_filler {{ type: "msra" }} bias_filler {{ type: "constant" value: 0.1 }} }}'
+            f' }}\n')
+
+
+def conv_bn_relu(name, bottom, n):
+    """SegNet's unit: Convolution, BN (LEARN, batch statistics), ReLU in place."""
+    return conv(name, bottom, n) + (
+        f'layer {{ name: "{name}_bn" type: "BN" bottom: "{name}" top: "{name}_bn" '
+        f'bn_param {{ scale_filler {{ type: "constant" value: 1 }} '
+        f'shift_filler {{ type: "constant" value: 0.001 }} }} }}\n'
+        f'layer {{ name: "{name}_relu" type: "ReLU" bottom: "{name}_bn" top: "{name}_bn" }}\n')
+
+
+def segnet(batch: int) -> str:
+    text = (f'name: "segnet_small"\nlayer {{ name: "data" type: "Input" top: "data" '
+            f'top: "label" input_param {{ shape {{ dim: {batch} dim: 3 dim: 15 dim: 16 }} '
+            f'shape {{ dim: {batch} dim: 1 dim: 15 dim: 16 }} }} }}\n')
+    text += conv_bn_relu("conv1", "data", 6)
+    text += ('layer { name: "pool1" type: "Pooling" bottom: "conv1_bn" top: "pool1" '
+             'top: "pool1_mask" pooling_param { pool: MAX kernel_size: 2 stride: 2 } }\n')
+    text += conv_bn_relu("conv2", "pool1", 8)
+    text += ('layer { name: "pool2" type: "Pooling" bottom: "conv2_bn" top: "pool2" '
+             'top: "pool2_mask" pooling_param { pool: MAX kernel_size: 2 stride: 2 } }\n')
+    text += ('layer { name: "upsample2" type: "Upsample" bottom: "pool2" bottom: "pool2_mask" '
+             'top: "up2" upsample_param { scale: 2 } }\n')
+    text += conv_bn_relu("conv2_D", "up2", 6)
+    text += ('layer { name: "upsample1" type: "Upsample" bottom: "conv2_D_bn" '
+             'bottom: "pool1_mask" top: "up1" upsample_param { upsample_h: 15 upsample_w: 16 } '
+             '}\n')
+    text += conv("conv1_D", "up1", 4)
+    text += ('layer { name: "loss" type: "SoftmaxWithLoss" bottom: "conv1_D" bottom: "label" '
+             'top: "loss" loss_param { ignore_label: 3 weight_by_label_freqs: true '
+             'class_weighting: 0.8 class_weighting: 1.5 class_weighting: 1.0 '
+             'class_weighting: 1.0 } }\n')
+    return text
+
+
+def build(text: str, phase=engine.TRAIN, dtype=np.float64, force_backward=False) -> Net:
+    param = text_format.Parse(text, caffe_pb2.NetParameter())
+    param.force_backward = force_backward
+    return Net(param, phase, rng=np.random.default_rng(0), dtype=dtype)
+
+
+def fill_inputs(net: Net, seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    net.blobs["data"].data[...] = rng.uniform(-1, 1, net.blobs["data"].shape)
+    if "label" in net.blobs:
+        net.blobs["label"].data[...] = rng.integers(0, 4, net.blobs["label"].shape)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_segnet_builds_runs_forward_and_backward(batch):
+    net = build(segnet(batch))
+    fill_inputs(net)
+    assert net.blobs["pool1_mask"].shape == (batch, 6, 8, 8)  # ceil: 15 rows give 8
+    assert net.blobs["pool2_mask"].shape == (batch, 8, 4, 4)
+    assert net.blobs["up2"].shape == (batch, 8, 8, 8)
+    assert net.blobs["up1"].shape == (batch, 6, 15, 16)
+    loss = net.forward_backward()
+    assert np.isfinite(loss) and loss > 0
+    for name in ("conv1", "conv1_bn", "conv2_D", "conv1_D"):
+        diffs = [p.diff for p in net.params[name]]
+        assert all(np.isfinite(d).all() for d in diffs)
+        assert any(np.abs(d).sum() > 0 for d in diffs), name
+    # the unpooled maps are zero away from the max positions their masks name
+    up1 = net.blobs["up1"].data
+    assert (up1 != 0).reshape(batch, 6, -1).sum(axis=2).max() <= 7 * 8
+
+
+def test_segnet_gradient_matches_finite_differences():
+    net = build(segnet(2))
+    fill_inputs(net, seed=1)
+    for blob in net.learnable_params:
+        blob.diff[...] = 0
+    net.forward_backward()
+    rng = np.random.default_rng(2)
+    for name, index in (("conv1", 0), ("conv1_bn", 0), ("conv2_bn", 1), ("conv2_D", 0),
+                        ("conv1_D", 1)):
+        blob = net.params[name][index]
+        flat, grad = blob.data.reshape(-1), blob.diff.reshape(-1).copy()
+        for j in rng.choice(flat.size, size=min(3, flat.size), replace=False):
+            original = flat[j]
+            flat[j] = original + 1e-6
+            plus = net.forward_from_to()
+            flat[j] = original - 1e-6
+            minus = net.forward_from_to()
+            flat[j] = original
+            numeric = (plus - minus) / 2e-6
+            assert abs(numeric - grad[j]) <= 1e-4 * max(1.0, abs(numeric)), (name, j)
+
+
+def test_segnet_sgd_steps_lower_the_loss():
+    """Labels that depend on the input (the sign of two channels), so the net can learn them."""
+    net = build(segnet(2))
+    fill_inputs(net, seed=3)
+    data = net.blobs["data"].data
+    net.blobs["label"].data[:, 0] = (data[:, 0] > 0) + 2 * (data[:, 1] > 0)
+    losses = []
+    for _ in range(STEPS):
+        for blob in net.learnable_params:
+            blob.diff[...] = 0
+        losses.append(net.forward_backward())
+        for blob in net.learnable_params:
+            blob.data[...] -= LR * blob.diff
+    assert losses[-1] < 0.6 * losses[0]
+
+
+STEPS, LR = 30, 0.5
+
+
+def enet_pspnet(batch: int) -> str:
+    """Initial block, SE unit with Axpy, pyramid pooling with Interp, unpooling decoder."""
+    text = (f'name: "enet_psp_small"\nlayer {{ name: "data" type: "Input" top: "data" '
+            f'input_param {{ shape {{ dim: {batch} dim: 3 dim: 24 dim: 24 }} }} }}\n')
+    text += conv("conv0", "data", 8, stride=2)
+    text += ('layer { name: "bn0" type: "BN" bottom: "conv0" top: "bn0" bn_param { '
+             'scale_filler { type: "constant" value: 1 } shift_filler { type: "constant" '
+             'value: 0.001 } bn_mode: INFERENCE } }\n'
+             'layer { name: "relu0" type: "ReLU6" bottom: "bn0" top: "bn0" }\n'
+             'layer { name: "pool0" type: "Pooling" bottom: "bn0" top: "pool0" top: "mask0" '
+             'pooling_param { pool: MAX kernel_size: 3 stride: 2 ceil_mode: false } }\n')
+    text += conv("conv1", "pool0", 8)
+    # SE: global pooling, squeeze, excite, sigmoid, then Axpy(a, x, shortcut)
+    text += ('layer { name: "se_pool" type: "Pooling" bottom: "conv1" top: "se_pool" '
+             'pooling_param { pool: AVE global_pooling: true } }\n')
+    text += conv("se_down", "se_pool", 2, k=1, pad=0)
+    text += ('layer { name: "se_relu" type: "ReLU6" bottom: "se_down" top: "se_down" }\n')
+    text += conv("se_up", "se_down", 8, k=1, pad=0)
+    text += ('layer { name: "se_gate" type: "Sigmoid" bottom: "se_up" top: "se_gate" }\n'
+             'layer { name: "axpy" type: "Axpy" bottom: "se_gate" bottom: "conv1" '
+             'bottom: "pool0" top: "se_out" }\n')
+    # pyramid pooling: pool to 2x2, 1x1 conv, Interp back to the feature size
+    text += ('layer { name: "psp_pool" type: "Pooling" bottom: "se_out" top: "psp_pool" '
+             'pooling_param { pool: AVE kernel_size: 3 stride: 3 } }\n')
+    text += conv("psp_conv", "psp_pool", 4, k=1, pad=0)
+    text += ('layer { name: "psp_interp" type: "Interp" bottom: "psp_conv" top: "psp_up" '
+             'interp_param { height: 5 width: 5 } }\n'
+             'layer { name: "concat" type: "Concat" bottom: "se_out" bottom: "psp_up" '
+             'top: "psp" }\n')
+    text += conv("fuse", "psp", 8)
+    text += ('layer { name: "unpool" type: "Upsample" bottom: "fuse" bottom: "mask0" '
+             'top: "unpool" upsample_param { upsample_h: 12 upsample_w: 12 } }\n')
+    text += conv("classifier", "unpool", 5, k=1, pad=0)
+    text += ('layer { name: "zoom" type: "Interp" bottom: "classifier" top: "zoom" '
+             'interp_param { zoom_factor: 2 } }\n'
+             'layer { name: "prob" type: "Softmax" bottom: "zoom" top: "prob" }\n')
+    return text
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_enet_pspnet_shaped_net_runs(batch):
+    net = build(enet_pspnet(batch), phase=engine.TEST, dtype=np.float32, force_backward=True)
+    fill_inputs(net)
+    assert net.blobs["pool0"].shape == (batch, 8, 5, 5)  # floor: ceil_mode false
+    assert net.blobs["psp_pool"].shape == (batch, 8, 2, 2)
+    assert net.blobs["psp_up"].shape == (batch, 4, 5, 5)
+    out = net.forward()
+    prob = out["prob"]
+    assert prob.shape == (batch, 5, 23, 23)
+    np.testing.assert_allclose(prob.sum(axis=1), 1, rtol=1e-5)
+    diffs = net.backward(prob=np.random.default_rng(1).standard_normal(prob.shape))
+    assert np.isfinite(diffs["data"]).all() and np.abs(diffs["data"]).sum() > 0
+    assert np.isfinite(net.params["bn0"][0].diff).all()

@@ -410,9 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", metavar="IN.prototxt", help="a legacy net or solver prototxt")
     p.add_argument("output", metavar="OUT.prototxt", help="where to write the upgraded file")
 
-    from engine import logs, summary  # the tool belt: each module registers its subcommands
+    from engine import features, logs, summary  # the tool belt: each registers its commands
 
-    for module in (summary, logs):
+    for module in (summary, logs, features):
         module.add_commands(subparsers, _add_command, _net_state_flags)
     return parser
 

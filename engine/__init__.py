@@ -18,6 +18,15 @@ from engine.mode import (
 )
 from engine.net import Net
 
+# isort: split
+# pycaffe's modules and NetSpec names (caffe.layers is engine.layers: CamelCase attributes
+# there are NetSpec layer factories, lowercase ones the implementation modules)
+from engine import layers, net_spec, proto
+from engine.device import version as _version
+from engine.net_spec import NetSpec, params, to_proto
+
+__version__ = _version()
+
 __all__ = [
     "LAYERS",
     "TEST",
@@ -26,10 +35,17 @@ __all__ = [
     "Layer",
     "MokaError",
     "Net",
+    "NetSpec",
+    "__version__",
     "layer_type_list",
+    "layers",
+    "net_spec",
+    "params",
+    "proto",
     "register_layer",
     "set_device",
     "set_mode_cpu",
     "set_mode_gpu",
     "set_random_seed",
+    "to_proto",
 ]

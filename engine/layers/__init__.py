@@ -1,4 +1,10 @@
-"""Every built-in layer module; importing this package registers their types."""
+"""Every built-in layer module; importing this package registers their types.
+
+CamelCase attributes are pycaffe's NetSpec layer factories (``caffe.layers``):
+``from engine import layers as L; L.Convolution(bottom, kernel_size=3)`` (see engine/net_spec.py).
+The implementation modules are lowercase, so ``from engine.layers import convolution`` still
+imports the module. Import modules here, not classes, so no CamelCase name shadows a factory.
+"""
 
 from engine.layers import (  # noqa: F401
     accuracy,
@@ -26,3 +32,12 @@ from engine.layers import (  # noqa: F401
     structural,
     utility,
 )
+
+
+def __getattr__(name: str):
+    """``engine.layers.<Type>``: the NetSpec factory for layer type ``<Type>``."""
+    if name[:1].isupper():
+        from engine.net_spec import layers
+
+        return getattr(layers, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -132,13 +132,15 @@ def train(args: argparse.Namespace) -> int:
     if args.snapshot or weights:  # the flags override the file's weights, as Caffe's
         param.ClearField("weights")
         param.weights.extend(weights)
-    _make_snapshot_dir(param.snapshot_prefix)
     solver = _create_solver(param, path)
     solver.install_signal_handlers(sigint=args.sigint_effect, sighup=args.sighup_effect)
     if args.snapshot:
         log.info("Resuming from %s", args.snapshot)
     log.info("Starting Optimization")
-    solver.solve(resume_file=args.snapshot)
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        # a NaN/Inf stops training with the layer named (solvers/divergence.py); numpy's own
+        # warnings about it would only garble the log
+        solver.solve(resume_file=args.snapshot)
     return 0
 
 
@@ -149,15 +151,9 @@ def _create_solver(param, path: str):
     solver_class = solvers.SOLVERS.get(param.type)
     if solver_class is None:
         return solvers.get_solver(param)  # raises the error that lists the known types
-    return solver_class(param, path=path)
-
-
-def _make_snapshot_dir(prefix: str) -> None:
-    """Create the snapshot prefix's folder (Caffe would fail on the first snapshot instead)."""
-    folder = Path(prefix).parent
-    if prefix and not folder.exists():
-        log.info("Creating snapshot folder %s", folder)
-        folder.mkdir(parents=True)
+    # a missing snapshot folder is made at the first snapshot (Caffe would fail there instead),
+    # so a run that fails earlier leaves no empty folder behind
+    return solver_class(param, path=path, create_snapshot_folder=True)
 
 
 def _solver_path(args: argparse.Namespace) -> str:

@@ -16,7 +16,7 @@ from os import PathLike
 
 import numpy as np
 
-from engine import caffe_pb2, mode
+from engine import caffe_pb2, debug_info, mode
 from engine.blob import Blob, blob_proto_array, blob_proto_shape, legacy_shape_matches
 from engine.errors import MokaError, NetError
 from engine.graph import filter_net, insert_splits
@@ -60,6 +60,7 @@ class Net:
         self.rng = rng if rng is not None else mode.default_rng()
         self.dtype = np.dtype(dtype)
         self.force_backward = net_param.force_backward
+        self.debug_info = net_param.debug_info  # Caffe's per-layer norms (engine/debug_info.py)
         self._build(insert_splits(filter_net(net_param, state)))
         if weights is not None:
             self.copy_from(weights)
@@ -294,6 +295,8 @@ class Net:
             layer.reshape(bottom, top)
             self._in_place.copy_values(i)
             layer.forward(bottom, top)
+            if self.debug_info:
+                debug_info.forward(self, i)
             for w, blob in zip(self.loss_weights[i], top, strict=True):
                 if w:
                     loss += w * float(np.sum(blob.data, dtype=np.float64))
@@ -307,6 +310,8 @@ class Net:
                 top, bottom = self._in_place.backward_vecs(i, self.top_vecs[i],
                                                            self.bottom_vecs[i])
                 self.layers[i].backward(top, self.bottom_need_backward[i], bottom)
+                if self.debug_info:
+                    debug_info.backward(self, i)
 
     def _seed_loss_diffs(self) -> None:
         for weights, top in zip(self.loss_weights, self.top_vecs, strict=True):
@@ -319,6 +324,8 @@ class Net:
         loss = self.forward_from_to()
         self._seed_loss_diffs()
         self.backward_from_to()
+        if self.debug_info:
+            debug_info.all_params(self)
         return loss
 
     def forward(self, blobs: Sequence[str] | None = None, start=None, end=None,

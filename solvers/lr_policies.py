@@ -4,14 +4,21 @@ Each policy is a pure function ``(param, it) -> float`` in ``LR_POLICIES`` (Caff
 ``SGDSolver::GetLearningRate``); ``it`` is the number of updates already done, so update 0 uses
 ``lr(0)``. ``multistep`` also takes Caffe's ``current_step`` (see ``advance_step``): without it,
 the step is the number of ``stepvalue`` entries already reached.
+
+Moka adds ``plateau`` (the rate drops by ``gamma`` whenever the monitored value stops improving;
+the drops so far are ``current_step``, kept by ``PlateauTracker``) and a linear warm-up
+(``warmup_iter``, ``warmup_start_lr``) that ``learning_rate`` applies on top of every policy.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 
 from engine.errors import SolverError
+
+log = logging.getLogger("solvers")
 
 
 def _need(cond: bool, policy: str, message: str) -> None:
@@ -70,6 +77,11 @@ def sigmoid(p, it: int) -> float:
     return p.base_lr / (1.0 + math.exp(z))
 
 
+def plateau(p, it: int, current_step: int = 0) -> float:
+    """max(base_lr * gamma ^ drops, plateau_min_lr); ``current_step`` counts the drops."""
+    return max(p.base_lr * p.gamma**current_step, p.plateau_min_lr)
+
+
 LR_POLICIES: dict[str, Callable[..., float]] = {
     "fixed": fixed,
     "step": step,
@@ -78,6 +90,7 @@ LR_POLICIES: dict[str, Callable[..., float]] = {
     "multistep": multistep,
     "poly": poly,
     "sigmoid": sigmoid,
+    "plateau": plateau,
 }
 
 
@@ -103,10 +116,61 @@ def advance_step(p, it: int, current_step: int) -> int:
     return current_step
 
 
+def warmup(p, it: int, rate: float) -> float:
+    """Linear warm-up from ``warmup_start_lr`` at update 0 to the policy's ``rate`` at update
+    ``warmup_iter``: ``start + (rate - start) * it / warmup_iter`` while ``it < warmup_iter``."""
+    if it >= p.warmup_iter:
+        return rate
+    start = p.warmup_start_lr
+    return start + (rate - start) * (it / p.warmup_iter)
+
+
 def learning_rate(p, it: int, current_step: int) -> tuple[float, int]:
-    """The rate for update ``it`` and the new ``current_step`` (Caffe's GetLearningRate)."""
+    """The rate for update ``it`` and the new ``current_step`` (Caffe's GetLearningRate),
+    warmed up when ``warmup_iter`` is set."""
     check_policy(p)
     current_step = advance_step(p, it, current_step)
-    if p.lr_policy == "multistep":
-        return multistep(p, it, current_step), current_step
-    return LR_POLICIES[p.lr_policy](p, it), current_step
+    if p.lr_policy in ("multistep", "plateau"):
+        rate = LR_POLICIES[p.lr_policy](p, it, current_step)
+    else:
+        rate = LR_POLICIES[p.lr_policy](p, it)
+    return warmup(p, it, rate), current_step
+
+
+class PlateauTracker:
+    """``lr_policy: "plateau"``'s memory: the best monitored value and the rounds since.
+
+    ``observe(value)`` is called once per round (every ``test_interval`` iterations) and says
+    whether the rate should drop (the solver then adds one to ``current_step``). A value
+    improves on the best when it is lower (mode min) or higher (mode max) by more than
+    ``plateau_threshold * |best|``; NaN never improves. After a drop the count starts again,
+    the best is kept.
+    """
+
+    def __init__(self, p, mode: str) -> None:
+        self.patience = p.plateau_patience
+        self.threshold = p.plateau_threshold
+        self.mode = mode
+        self.best: float | None = None
+        self.bad_rounds = 0
+
+    def improves(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        if self.best is None:
+            return True
+        margin = self.threshold * abs(self.best)
+        if self.mode == "min":
+            return value < self.best - margin
+        return value > self.best + margin
+
+    def observe(self, value: float) -> bool:
+        """Record one round's value; True when the rate should drop now."""
+        if self.improves(value):
+            self.best, self.bad_rounds = float(value), 0
+            return False
+        self.bad_rounds += 1
+        if self.bad_rounds >= self.patience:
+            self.bad_rounds = 0
+            return True
+        return False

@@ -4,7 +4,8 @@ Every file is written atomically (a temporary file beside it, fsync, ``os.replac
 failed or interrupted snapshot never destroys the previous good one. The solverstate carries
 Caffe's fields (``iter``, ``learned_net``, ``history`` in Caffe's order, ``current_step``) plus
 ``moka_resume`` (field 1000, which Caffe skips): the random generator, every data layer's read
-position and the smoothed-loss window, which together make a resumed run bit-identical.
+position, the smoothed-loss window and lr_policy "plateau"'s memory, which together make a
+resumed run bit-identical.
 """
 
 from __future__ import annotations
@@ -57,24 +58,15 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
             os.close(dir_fd)
 
 
-def check_write_permission(prefix: str) -> None:
-    """Caffe's startup probe of ``snapshot_prefix`` (only when ``snapshot`` > 0)."""
-    if not prefix:
-        raise SolverError("In solver params, snapshot is specified but snapshot_prefix is not")
-    folder = os.path.dirname(os.path.abspath(prefix))
-    try:
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as exc:
-        raise SolverError(f"Cannot write to snapshot prefix '{prefix}'. Make sure that the "
-                          f"directory exists and is writable ({exc.strerror}).") from exc
-
-
 # -- writing -------------------------------------------------------------------------------------
 def snapshot(solver) -> tuple[str, str]:
     """Write the model then the solver state for ``solver.iter``; returns their paths."""
     p = solver.param
     base = f"{p.snapshot_prefix}_iter_{solver.iter}"
+    folder = os.path.dirname(base)
+    if folder and not os.path.isdir(folder):  # only engine train gets this far (validate.py)
+        log.info("Creating snapshot folder %s", folder)
+        os.makedirs(folder, exist_ok=True)
     hdf5 = p.snapshot_format == HDF5
     if hdf5:
         model = base + ".caffemodel.h5"
@@ -137,6 +129,11 @@ def resume_state(solver):
     resume.loss_window_double.extend(solver.losses)
     resume.loss_window_start = solver.loss_index
     resume.smoothed_loss = solver.smoothed_loss
+    plateau = getattr(solver, "plateau", None)
+    if plateau is not None:
+        if plateau.best is not None:
+            resume.plateau_best = plateau.best
+        resume.plateau_bad_rounds = plateau.bad_rounds
     return resume
 
 
@@ -341,6 +338,10 @@ def apply_resume_state(solver, resume) -> None:
                         layer_state.layer_name)
             continue
         set_state(_layer_state_dict(layer_state))
+    plateau = getattr(solver, "plateau", None)
+    if plateau is not None:
+        plateau.best = resume.plateau_best if resume.HasField("plateau_best") else None
+        plateau.bad_rounds = resume.plateau_bad_rounds
     losses = list(resume.loss_window_double) or list(resume.loss_window)
     solver.losses = losses
     solver.loss_index = resume.loss_window_start

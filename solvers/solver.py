@@ -4,6 +4,11 @@ A rule is a ``Solver`` subclass that names its per-parameter state (``state_name
 ``compute_update(i, grad, local_rate) -> step``; everything else lives here: building the train
 and test nets, ``step``/``solve`` with Caffe's test, display and snapshot schedule, the fixed
 ``apply_update`` order, and signal requests. Snapshot files are written by ``solvers.snapshot``.
+
+Before any net is built the parameter is checked (``solvers.validate``). Every iteration the loss
+and the gradients are checked for NaN/Inf (``solvers.divergence``): training stops with a
+``DivergenceError`` naming the layer, and nothing is snapshotted after the last good state.
+``debug_info: true`` logs Caffe's per-layer norms on display iterations (``engine.debug_info``).
 """
 
 from __future__ import annotations
@@ -18,13 +23,15 @@ from os import PathLike
 
 import numpy as np
 
-from engine import caffe_pb2
+from engine import caffe_pb2, debug_info
 from engine.errors import SolverError
 from engine.layer import TEST, TRAIN
 from engine.net import Net
 from engine.upgrade import upgrade_snapshot_prefix
+from solvers import divergence
 from solvers import snapshot as snapshots
-from solvers.lr_policies import check_policy, learning_rate
+from solvers.lr_policies import PlateauTracker, learning_rate
+from solvers.validate import validate_solver_param
 
 log = logging.getLogger("solvers")
 
@@ -60,23 +67,31 @@ class Solver:
     """Trains ``net`` with the rule a subclass implements; pycaffe's Solver surface.
 
     ``iter`` counts completed updates. ``state[i][name]`` is parameter i's rule state (history).
+    ``create_snapshot_folder``: a missing snapshot folder is created at the first snapshot
+    (``engine train``) instead of being an error (Caffe).
     """
 
     state_names: tuple[str, ...] = ()
 
     def __init__(self, param, path: str | PathLike | None = None, weights: str | None = None,
-                 dtype=np.float32) -> None:
+                 dtype=np.float32, create_snapshot_folder: bool = False) -> None:
         self.param = param
         self.path = None if path is None else os.fspath(path)
         self.dtype = np.dtype(dtype)
         if self.path is not None:
             upgrade_snapshot_prefix(param, self.path)
-        self._check_param()
+        for warning in validate_solver_param(  # before any net is built
+                param, self.path, create_snapshot_folder=create_snapshot_folder):
+            log.warning("%s", warning)
         self.check_param()
         seed = param.random_seed
         self.rng = np.random.default_rng(seed if seed >= 0 else None)
         self.net = self._train_net()
+        self._net_debug_info = self.net.debug_info  # the net file's own debug_info
         self.test_nets = self._test_nets()
+        self.plateau = self._plateau_tracker()
+        self.test_scores: dict[int, list[tuple[str, float]]] = {}
+        self.rate = 0.0  # the rate of the last update
         if weights:
             param.ClearField("weights")
             param.weights.append(weights)
@@ -96,6 +111,7 @@ class Solver:
         self._signals_got: dict[int, bool] = {}
         self._previous_handlers: dict[int, object] = {}
         self._early_exit = False
+        self.progress = None  # an object with update(solver), e.g. engine.progress.Progress
         log.info("Solver scaffolding done.")
 
     # -- what a rule provides ----------------------------------------------------------------
@@ -107,18 +123,28 @@ class Solver:
         raise NotImplementedError(f"{type(self).__name__}.compute_update")
 
     # -- setup ---------------------------------------------------------------------------------
-    def _check_param(self) -> None:
+    def _plateau_tracker(self) -> PlateauTracker | None:
+        """lr_policy "plateau": check the monitored output exists and pick min or max."""
         p = self.param
-        if p.average_loss < 1:
-            raise SolverError(f"average_loss should be >= 1; got {p.average_loss}")
-        if p.iter_size < 1:
-            raise SolverError(f"iter_size should be >= 1; got {p.iter_size}")
-        check_policy(p)
-        if p.weight_decay and p.regularization_type not in ("L1", "L2"):
-            raise SolverError(f"Unknown regularization type: '{p.regularization_type}' "
-                              "(expected 'L2' or 'L1')")
-        if p.snapshot:
-            snapshots.check_write_permission(p.snapshot_prefix)
+        if p.lr_policy != "plateau":
+            return None
+        mode = p.plateau_mode
+        if p.plateau_monitor != "train_loss":
+            net = self.test_nets[p.plateau_test_net]
+            if p.plateau_monitor not in net.outputs:
+                raise SolverError(f"plateau_monitor '{p.plateau_monitor}' is not an output of "
+                                  f"test net #{p.plateau_test_net} (its outputs: "
+                                  f"{', '.join(net.outputs)}; or use 'train_loss' for the smoothed "
+                                  "train loss)")
+            if mode == "auto":
+                mode = "min" if net.blob_loss_weights.get(p.plateau_monitor) else "max"
+        elif mode == "auto":
+            mode = "min"
+        log.info("Plateau policy: watching %s (%s) every %d iterations, patience %d rounds",
+                 "the smoothed train loss" if p.plateau_monitor == "train_loss" else
+                 f"test net #{p.plateau_test_net} output '{p.plateau_monitor}'", mode,
+                 p.test_interval, p.plateau_patience)
+        return PlateauTracker(p, mode)
 
     def _find(self, name: str, field: str) -> str:
         """A path as Caffe reads it (from the working directory), else beside the solver file."""
@@ -237,26 +263,66 @@ class Solver:
                 self.test_all()
                 if self._early_exit:
                     break
+                self._plateau_round()
             for on_start, _ in self._callbacks:
                 if on_start:
                     on_start()
+            display = bool(p.display and self.iter % p.display == 0)
+            self.net.debug_info = display and (p.debug_info or self._net_debug_info)
             loss = 0.0
             for _ in range(p.iter_size):
                 loss += self.net.forward_backward()
+            if not (math.isfinite(loss) and divergence.gradients_finite(self.net)):
+                self._diverged(divergence.diagnose(self.net), loss)
             self._update_smoothed_loss(loss / p.iter_size)
-            if p.display and self.iter % p.display == 0:
+            if display:
                 self._display()
             for _, on_ready in self._callbacks:
                 if on_ready:
                     on_ready()
             self.apply_update()
+            if not divergence.params_finite(self.net):
+                self._diverged(divergence.update_culprit(
+                    self.net, debug_info.learnable_owners(self.net)), loss)
             self.iter += 1
+            if self.progress is not None:
+                self.progress.update(self)
             request = self._requested_action()
             if (p.snapshot and self.iter % p.snapshot == 0) or request == "snapshot":
                 self.snapshot()
             if request == "stop":
                 self._early_exit = True
                 break
+
+    def _diverged(self, where: str, loss: float) -> None:
+        """Stop: one line naming the layer and the iteration; no snapshot is written."""
+        self.net.debug_info = False
+        raise divergence.DivergenceError(
+            f"training diverged at iteration {self.iter} ({divergence.describe_loss(loss)}): "
+            f"{where}. Stopped without snapshotting, so the last snapshot is the last good "
+            "state; lower base_lr, set clip_gradients, or set debug_info: true to see every "
+            "layer's norms")
+
+    def _plateau_round(self) -> None:
+        """One round of lr_policy "plateau": feed the monitored value, drop the rate if due."""
+        if self.plateau is None:
+            return
+        p = self.param
+        if p.plateau_monitor == "train_loss":
+            if not self.losses:
+                return
+            value = self.smoothed_loss
+        else:
+            scores = self.test_scores.get(p.plateau_test_net, [])
+            value = next((v for name, v in scores if name == p.plateau_monitor), None)
+            if value is None:  # the test was interrupted
+                return
+        if self.plateau.observe(value):
+            self.current_step += 1
+            rate, _ = learning_rate(p, self.iter, self.current_step)
+            log.info("Plateau: %s has not improved on %g for %d rounds; lr drops to %g "
+                     "(drop #%d)", p.plateau_monitor, self.plateau.best, p.plateau_patience,
+                     rate, self.current_step)
 
     def _update_smoothed_loss(self, loss: float) -> None:
         """Mean of the last ``average_loss`` losses, updated incrementally as Caffe does.
@@ -294,9 +360,11 @@ class Solver:
             log.info("MultiStep Status: Iteration %d, step = %d", self.iter, step)
         self.current_step = step
         rate = float(self.dtype.type(rate))  # Caffe keeps the rate in the net's Dtype
+        self.rate = rate
         if self.param.display and self.iter % self.param.display == 0:
             log.info("Iteration %d, lr = %g", self.iter, rate)
         self.clip_gradients()
+        show = self.net.debug_info
         for i, blob in enumerate(self.net.learnable_params):
             if self.param.iter_size > 1:
                 blob.diff *= 1.0 / self.param.iter_size
@@ -305,6 +373,8 @@ class Solver:
             step = self.compute_update(i, blob.diff, local_rate)
             if step is not blob.diff:
                 blob.diff[...] = step  # Caffe leaves the applied step in the diff
+            if show:
+                debug_info.update(self.net, i, blob.data, blob.diff)
             blob.data -= blob.diff
 
     def clip_gradients(self) -> None:
@@ -335,7 +405,7 @@ class Solver:
         for i in range(len(self.test_nets)):
             if self._early_exit:
                 break
-            self.test(i)
+            self.test_scores[i] = self.test(i)
 
     def test(self, i: int = 0) -> list[tuple[str, float]]:
         """Average every output element of test net ``i`` over ``test_iter[i]`` forwards."""

@@ -36,6 +36,8 @@ class PriorBox(Layer):
     top (1, 2, H*W*num_priors*4): channel 0 the boxes, channel 1 their ``variance``.
     """
 
+    backward_needs_bottom_data = False
+    backward_needs_top_data = False
     n_bottom = (2, 2)
 
     def setup(self, bottom: list[Blob], top: list[Blob]) -> None:
@@ -126,6 +128,8 @@ class DetectionOutput(Layer):
     (N, P*num_classes) (probabilities), priors (1, 2, P*4) -> top (1, 1, D, 7).
     """
 
+    backward_needs_bottom_data = False
+    backward_needs_top_data = False
     n_bottom = (3, 3)
 
     def setup(self, bottom: list[Blob], top: list[Blob]) -> None:

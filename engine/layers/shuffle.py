@@ -17,6 +17,9 @@ class ShuffleChannel(Layer):
     one at a time across the groups. Shapes: bottom (N, C, ...) -> top of the same shape.
     """
 
+    backward_needs_bottom_data = False
+    backward_needs_top_data = False
+
     def setup(self, bottom: list[Blob], top: list[Blob]) -> None:
         self.group = self.param.shuffle_channel_param.group
         if self.group < 1:

@@ -21,6 +21,9 @@ class Permute(Layer):
     NHWC. Shapes: bottom (d_0, ..., d_k) -> top (d_order[0], ..., d_order[k]).
     """
 
+    backward_needs_bottom_data = False
+    backward_needs_top_data = False
+
     def setup(self, bottom: list[Blob], top: list[Blob]) -> None:
         n_axes = bottom[0].num_axes
         given = [int(o) for o in self.param.permute_param.order]
@@ -54,6 +57,9 @@ class Normalize(Layer):
     a 0-d blob as the fork's) or one value per channel; ``scale_filler`` fills it (default
     constant 1). Shapes: bottom (N, C, ...) -> top of the same shape.
     """
+
+    backward_needs_bottom_data = True
+    backward_needs_top_data = False
 
     def setup(self, bottom: list[Blob], top: list[Blob]) -> None:
         p = self.param.norm_param

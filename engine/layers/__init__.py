@@ -14,6 +14,7 @@ from engine.layers import (  # noqa: F401
     convolution,
     data,
     deconvolution,
+    dense_image_data,
     depthwise,
     detection,
     embed,

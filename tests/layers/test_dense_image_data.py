@@ -144,13 +144,13 @@ def test_parameter_errors(source, extra, transform, match):
 
 
 def test_list_and_file_errors(tmp_path, source):
-    path, root = source
+    root = source[1]
     bad = tmp_path / "bad.txt"
     bad.write_text("im0.png\n")
-    with pytest.raises(DataError, match="line 1 of .* expected 'image_path label_image_path'"):
+    with pytest.raises(DataError, match=r"line 1 of .* expected 'image_path label_image_path'"):
         dense_layer((str(bad), root))
     bad.write_text("im0.png missing.png\n")
-    with pytest.raises(DataError, match="could not load .*missing.png.*no such file"):
+    with pytest.raises(DataError, match=r"could not load .*missing\.png.*no such file"):
         dense_layer((str(bad), root))
     Image.fromarray(LABELS[0][:5], "L").save(tmp_path / "short.png")
     bad.write_text("im0.png short.png\n")

@@ -232,7 +232,7 @@ def test_segnet_trains_from_dense_image_data_and_resumes_bit_exactly(tmp_path):
         return solver, losses
 
     straight, straight_losses = run("straight")
-    first, first_losses = run("first", snapshot=3, steps=3)
+    _, first_losses = run("first", snapshot=3, steps=3)
     resumed, resumed_losses = run("resumed", restore=str(tmp_path / "first_iter_3.solverstate"),
                                   steps=3)
     assert first_losses + resumed_losses == straight_losses

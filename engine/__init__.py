@@ -17,6 +17,7 @@ from engine.mode import (
     set_random_seed,
 )
 from engine.net import Net
+from engine.python_layer import allow_python_layers, python_layers_allowed
 
 # isort: split
 # pycaffe's modules and NetSpec names (caffe.layers is engine.layers: CamelCase attributes
@@ -37,11 +38,13 @@ __all__ = [
     "Net",
     "NetSpec",
     "__version__",
+    "allow_python_layers",
     "layer_type_list",
     "layers",
     "net_spec",
     "params",
     "proto",
+    "python_layers_allowed",
     "register_layer",
     "set_device",
     "set_mode_cpu",

@@ -27,6 +27,7 @@ import numpy as np
 
 from engine.errors import DataError, MokaError
 from engine.layer import TEST, TRAIN
+from engine.python_layer import python_layers_allowed
 
 log = logging.getLogger("engine.cli")
 
@@ -326,6 +327,11 @@ def _common(*, sub: bool) -> argparse.ArgumentParser:
     return parent
 
 
+def _python_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--allow-python", action="store_true", default=None,
+                        help="let the net's Python layers run their modules' code")
+
+
 def _gpu_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpu", metavar="ID", help="accepted for Caffe's command lines; Moka "
                         "runs on the CPU only (a warning says so)")
@@ -360,6 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--weights", help="caffemodel(s) to fine-tune from, comma separated")
     _net_state_flags(p)
     _gpu_flag(p)
+    _python_flag(p)
     for signal_name, default in (("sigint", "stop"), ("sighup", "snapshot")):
         p.add_argument(f"--{signal_name}_effect", choices=SIGNAL_EFFECTS, default=default,
                        help=f"what {signal_name.upper()} does while training "
@@ -371,6 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=int, default=50, help="batches to score")
     _net_state_flags(p)
     _gpu_flag(p)
+    _python_flag(p)
 
     p = _add_command(subparsers, time_, "time")
     p.add_argument("--model", help="the net prototxt")
@@ -379,6 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the phase to build the net in (default TRAIN)")
     _net_state_flags(p)
     _gpu_flag(p)
+    _python_flag(p)
 
     p = _add_command(subparsers, device_query, "device_query")
     _gpu_flag(p)
@@ -406,9 +415,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", metavar="IN.prototxt", help="a legacy net or solver prototxt")
     p.add_argument("output", metavar="OUT.prototxt", help="where to write the upgraded file")
 
-    from engine import features, logs, summary  # the tool belt: each registers its commands
+    from engine import features, layer_list, logs, summary  # each registers its commands
 
-    for module in (summary, logs, features):
+    for module in (summary, logs, features, layer_list):
         module.add_commands(subparsers, _add_command, _net_state_flags)
     return parser
 
@@ -467,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "iterations", 1) < 1:
         return _report(UsageError("--iterations must be at least 1"), verbose=False, status=2)
     level = logging.WARNING if args.quiet else logging.INFO
-    with _LogSetup(level):
+    with _LogSetup(level), python_layers_allowed(getattr(args, "allow_python", None)):
         try:
             return args.func(args)
         except (MokaError, OSError) as exc:

@@ -21,8 +21,6 @@ from engine.fillers import fill
 TRAIN, TEST = 0, 1  # caffe.Phase
 
 LAYERS: dict[str, type[Layer]] = {}
-# Types Moka knows by name but does not run (a fork's training-only layers): type -> why.
-UNSUPPORTED: dict[str, str] = {}
 
 
 def register_layer(cls: type[Layer]) -> type[Layer]:
@@ -41,10 +39,8 @@ def layer_class(type_name: str, layer_name: str = "") -> type[Layer]:
 
     if type_name in LAYERS:
         return LAYERS[type_name]
-    where = f"layer '{layer_name}': " if layer_name else ""
-    if type_name in UNSUPPORTED:
-        raise NetError(f"{where}type {type_name!r} is not supported: {UNSUPPORTED[type_name]}")
     close = difflib.get_close_matches(type_name, LAYERS, n=3, cutoff=0.5)
+    where = f"layer '{layer_name}': " if layer_name else ""
     hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
     raise NetError(
         f"{where}unknown layer type {type_name!r}{hint} "
@@ -55,7 +51,7 @@ def layer_class(type_name: str, layer_name: str = "") -> type[Layer]:
 def create_layer(param, phase: int, rng: np.random.Generator,
                  dtype: np.dtype | type = np.float32) -> Layer:
     """Instantiate the layer a LayerParameter describes."""
-    return layer_class(param.type, param.name)(param, phase, rng, dtype)
+    return layer_class(param.type, param.name).create(param, phase, rng, dtype)
 
 
 class Layer:
@@ -86,6 +82,12 @@ class Layer:
         self.blobs: list[Blob] = []
         self._stored_blobs = list(param.blobs)  # parameters that came with the LayerParameter
         self.param_propagate_down: list[bool] = []
+
+    @classmethod
+    def create(cls, param, phase: int, rng: np.random.Generator,
+               dtype: np.dtype | type = np.float32) -> Layer:
+        """The layer for ``param`` (a factory may return another class: ``Python``)."""
+        return cls(param, phase, rng, dtype)
 
     # -- the four methods --------------------------------------------------------------------
     def setup(self, bottom: list[Blob], top: list[Blob]) -> None:

@@ -10,6 +10,7 @@ and bottoms need backward. The public surface is pycaffe's (``blobs``, ``params`
 from __future__ import annotations
 
 import logging
+import os
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from os import PathLike
@@ -22,6 +23,7 @@ from engine.errors import MokaError, NetError
 from engine.graph import filter_net, insert_splits
 from engine.in_place import plan_in_place
 from engine.layer import TEST, TRAIN, Layer, create_layer
+from engine.python_layer import python_layers_allowed
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +45,14 @@ class Net:
 
     pycaffe's older ``Net(model, weights, phase)`` form is accepted too. ``model`` is a prototxt
     path or a NetParameter; ``state`` (a NetState) overrides phase/level/stages when given.
+    ``allow_python`` lets the net's ``Python`` layers run user code (None: the process-wide
+    switch decides; see engine.python_layer).
     """
 
     def __init__(self, model, *args, weights: str | PathLike | None = None, level: int = 0,
                  stages: Sequence[str] = (), phase: int | None = None, state=None,
-                 rng: np.random.Generator | None = None, dtype=np.float32) -> None:
+                 rng: np.random.Generator | None = None, dtype=np.float32,
+                 allow_python: bool | None = None) -> None:
         phase, weights = _phase_and_weights(args, phase, weights)
         from engine.io import read_net_param  # io imports net-free helpers only
 
@@ -61,7 +66,10 @@ class Net:
         self.dtype = np.dtype(dtype)
         self.force_backward = net_param.force_backward
         self.debug_info = net_param.debug_info  # Caffe's per-layer norms (engine/debug_info.py)
-        self._build(insert_splits(filter_net(net_param, state)))
+        is_file = isinstance(model, str | PathLike) and os.path.isfile(model)
+        folders = [os.path.dirname(os.path.abspath(model))] if is_file else []
+        with python_layers_allowed(allow_python, folders):
+            self._build(insert_splits(filter_net(net_param, state)))
         if weights is not None:
             self.copy_from(weights)
 

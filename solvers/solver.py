@@ -27,6 +27,7 @@ from engine import caffe_pb2, debug_info
 from engine.errors import SolverError
 from engine.layer import TEST, TRAIN
 from engine.net import Net
+from engine.python_layer import python_layers_allowed
 from engine.upgrade import upgrade_snapshot_prefix
 from solvers import divergence
 from solvers import snapshot as snapshots
@@ -47,11 +48,13 @@ def register_solver(cls: type[Solver]) -> type[Solver]:
     return cls
 
 
-def get_solver(source, weights: str | None = None, dtype=np.float32) -> Solver:
+def get_solver(source, weights: str | None = None, dtype=np.float32,
+               allow_python: bool | None = None) -> Solver:
     """A solver from a solver prototxt path or a SolverParameter (pycaffe's ``get_solver``).
 
     ``weights`` (a comma list of .caffemodel files) replaces the file's ``weights`` field, as
-    ``caffe train --weights`` does.
+    ``caffe train --weights`` does. ``allow_python`` lets the nets' Python layers run (None:
+    the process-wide switch decides; see engine.python_layer).
     """
     from engine.io import read_solver_param
 
@@ -60,7 +63,8 @@ def get_solver(source, weights: str | None = None, dtype=np.float32) -> Solver:
     if param.type not in SOLVERS:
         raise SolverError(f"unknown solver type '{param.type}' (known types: "
                           f"{', '.join(sorted(SOLVERS))})")
-    return SOLVERS[param.type](param, path=path, weights=weights, dtype=dtype)
+    return SOLVERS[param.type](param, path=path, weights=weights, dtype=dtype,
+                               allow_python=allow_python)
 
 
 class Solver:
@@ -74,9 +78,13 @@ class Solver:
     state_names: tuple[str, ...] = ()
 
     def __init__(self, param, path: str | PathLike | None = None, weights: str | None = None,
-                 dtype=np.float32, create_snapshot_folder: bool = False) -> None:
+                 dtype=np.float32, create_snapshot_folder: bool = False,
+                 allow_python: bool | None = None) -> None:
         self.param = param
         self.path = None if path is None else os.fspath(path)
+        self.allow_python = allow_python
+        # Python layers' modules may sit beside the solver or the net files
+        self._python_search = [] if path is None else [os.path.dirname(os.path.abspath(path))]
         self.dtype = np.dtype(dtype)
         if self.path is not None:
             upgrade_snapshot_prefix(param, self.path)
@@ -159,7 +167,9 @@ class Solver:
     def _read_net(self, name: str, field: str):
         from engine.io import read_net_param
 
-        return read_net_param(self._find(name, field))
+        found = self._find(name, field)
+        self._python_search.append(os.path.dirname(os.path.abspath(found)))
+        return read_net_param(found)
 
     def _make_net(self, net_param, phase: int, extra_state) -> Net:
         state = caffe_pb2.NetState()
@@ -167,7 +177,8 @@ class Solver:
         state.MergeFrom(net_param.state)
         state.MergeFrom(extra_state)  # highest precedence, as in Caffe
         net_param.state.CopyFrom(state)
-        return Net(net_param, state=state, rng=self.rng, dtype=self.dtype)
+        with python_layers_allowed(self.allow_python, self._python_search):
+            return Net(net_param, state=state, rng=self.rng, dtype=self.dtype)
 
     def _train_net(self) -> Net:
         p = self.param

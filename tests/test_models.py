@@ -25,7 +25,7 @@ NETS = [p for p in PROTOTXTS if "solver" not in p.name]
 ACCURACY = re.compile(r"Test net output #\d+: accuracy = ([.\deE+-]+)")
 LENET_SOLVER = MODELS / "lenet/lenet_solver.prototxt"
 # held-out items each example's test phase covers once (test_iter x test batch)
-HELD_OUT = {"lenet": 360, "finetune_digits": 360, "lstm_sequence": 160}
+HELD_OUT = {"lenet": 360, "finetune_digits": 360, "lstm_sequence": 160, "python_layer": 64}
 
 
 def rel(path: Path) -> str:
@@ -39,13 +39,13 @@ def at_root(monkeypatch):
 
 def test_models_are_found():
     assert set(HELD_OUT) <= {p.parent.name for p in PROTOTXTS}
-    assert len(SOLVERS) == 3
+    assert len(SOLVERS) == 4
 
 
 @pytest.mark.parametrize("path", NETS, ids=rel)
 @pytest.mark.parametrize("phase", [engine.TRAIN, engine.TEST], ids=["TRAIN", "TEST"])
 def test_every_net_builds_and_runs(path, phase, at_root):
-    net = Net(rel(path), phase, rng=np.random.default_rng(0))
+    net = Net(rel(path), phase, rng=np.random.default_rng(0), allow_python=True)
     net.forward()
     assert net.layers
 
@@ -56,7 +56,7 @@ def test_every_solver_parses_and_names_existing_files(path, at_root):
     assert Path(param.net).is_file()
     assert param.random_seed >= 0  # examples are reproducible
     assert param.snapshot_prefix.startswith(rel(path.parent) + "/snapshots/")
-    net = Net(param.net, engine.TEST)
+    net = Net(param.net, engine.TEST, allow_python=True)
     batch = net.blobs["data"].shape[0]
     assert batch * param.test_iter[0] == HELD_OUT[path.parent.name]  # the held-out set, once
 

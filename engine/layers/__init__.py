@@ -6,6 +6,7 @@ The implementation modules are lowercase, so ``from engine.layers import convolu
 imports the module. Import modules here, not classes, so no CamelCase name shadows a factory.
 """
 
+from engine import python_layer  # noqa: F401  (type "Python": user code, off by default)
 from engine.layers import (  # noqa: F401
     accuracy,
     activation,
@@ -14,9 +15,6 @@ from engine.layers import (  # noqa: F401
     convolution,
     data,
     deconvolution,
-    dense_image_data,
-    depthwise,
-    detection,
     embed,
     image_data,
     inner_product,
@@ -29,11 +27,9 @@ from engine.layers import (  # noqa: F401
     recurrent,
     scale,
     segmentation,
-    shuffle,
     slicing,
     softmax,
     spp,
-    ssd,
     structural,
     utility,
 )

@@ -21,24 +21,50 @@ from engine.python_layer import allow_python_layers, python_layers_allowed
 
 # isort: split
 # pycaffe's modules and NetSpec names (caffe.layers is engine.layers: CamelCase attributes
-# there are NetSpec layer factories, lowercase ones the implementation modules)
-from engine import layers, net_spec, proto
+# there are NetSpec layer factories, lowercase ones the implementation modules); caffe.io,
+# Classifier, Detector; the solver classes below
+from engine import io, layers, net_spec, proto
+from engine.classifier import Classifier
+from engine.detector import Detector
 from engine.device import version as _version
 from engine.net_spec import NetSpec, params, to_proto
 
 __version__ = _version()
 
+# The solver classes live in the `solvers` package, which imports engine; they load on first use.
+_PYCAFFE_SOLVERS = ("SGDSolver", "NesterovSolver", "AdaGradSolver", "RMSPropSolver",
+                    "AdaDeltaSolver", "AdamSolver", "get_solver")
+
+
+def __getattr__(name: str):
+    if name in _PYCAFFE_SOLVERS:
+        from solvers import pycaffe
+
+        return getattr(pycaffe, name)
+    raise AttributeError(f"module 'engine' has no attribute {name!r}")
+
+
 __all__ = [
     "LAYERS",
     "TEST",
     "TRAIN",
+    "AdaDeltaSolver",
+    "AdaGradSolver",
+    "AdamSolver",
     "Blob",
+    "Classifier",
+    "Detector",
     "Layer",
     "MokaError",
+    "NesterovSolver",
     "Net",
     "NetSpec",
+    "RMSPropSolver",
+    "SGDSolver",
     "__version__",
     "allow_python_layers",
+    "get_solver",
+    "io",
     "layer_type_list",
     "layers",
     "net_spec",

@@ -419,6 +419,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     for module in (summary, logs, features, layer_list):
         module.add_commands(subparsers, _add_command, _net_state_flags)
+    from engine import pytools  # caffe's python/ tools: classify, detect
+
+    pytools.add_commands(subparsers, _add_command, _net_state_flags)
     return parser
 
 

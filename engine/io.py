@@ -393,3 +393,21 @@ def write_net_hdf5(net: caffe_pb2.NetParameter, path: PathLike, write_diff: bool
                         continue
                     array = blob_proto_array(blob, blob_proto_shape(blob), diff=diff)
                     group.create_dataset(str(i), data=array)
+
+
+# -- pycaffe's caffe.io --------------------------------------------------------------------------
+# `import engine as caffe; caffe.io.Transformer(...)`: pycaffe's names live in engine.caffe_io
+# (images, resizing, array <-> proto conversion) and are re-exported here, so this module stays
+# the one file reader the rest of Moka imports and pycaffe code finds what it expects.
+from engine.caffe_io import (  # noqa: E402, F401
+    Transformer,
+    array_to_blobproto,
+    array_to_datum,
+    arraylist_to_blobprotovector_str,
+    blobproto_to_array,
+    blobprotovector_str_to_arraylist,
+    datum_to_array,
+    load_image,
+    oversample,
+    resize_image,
+)

@@ -26,6 +26,7 @@ def set_mode_gpu() -> None:
 
 def set_device(device_id: int) -> None:
     """Accepted for pycaffe scripts; there is no device to choose."""
+    log.warning("Moka runs on the CPU with numpy; set_device(%s) has no effect", device_id)
 
 
 def set_random_seed(seed: int) -> None:

@@ -49,16 +49,21 @@ class Net:
     switch decides; see engine.python_layer).
     """
 
-    def __init__(self, model, *args, weights: str | PathLike | None = None, level: int = 0,
-                 stages: Sequence[str] = (), phase: int | None = None, state=None,
+    def __init__(self, model=None, *args, weights: str | PathLike | None = None, level: int = 0,
+                 stages: Sequence[str] | None = (), phase: int | None = None, state=None,
                  rng: np.random.Generator | None = None, dtype=np.float32,
-                 allow_python: bool | None = None) -> None:
+                 allow_python: bool | None = None,
+                 network_file: str | PathLike | None = None) -> None:
         phase, weights = _phase_and_weights(args, phase, weights)
         from engine.io import read_net_param  # io imports net-free helpers only
 
+        if model is None:  # pycaffe's keyword form: Net(network_file=..., phase=...)
+            if network_file is None:
+                raise TypeError("Net() needs a model: Net('net.prototxt', engine.TEST)")
+            model = network_file
         net_param = read_net_param(model)
         if state is None:
-            state = make_state(net_param, TRAIN if phase is None else phase, level, stages)
+            state = make_state(net_param, TRAIN if phase is None else phase, level, stages or ())
         self.name = net_param.name
         self.state = state
         self.phase = state.phase
@@ -366,7 +371,8 @@ class Net:
             self.blobs[name].diff[...] = array
         first, last = self._range(end, start)
         self.backward_from_to(last, first)
-        names = list(self.inputs) + [d for d in (diffs or []) if d not in self.inputs]
+        base = list(self.inputs) if end is None else self.bottom_names[self._layer_names[first]]
+        names = list(base) + [d for d in (diffs or []) if d not in base]
         return {n: self.blobs[n].diff for n in names}
 
     def forward_all(self, blobs: Sequence[str] | None = None,
@@ -488,6 +494,94 @@ class Net:
         from engine.io import write_binary
 
         write_binary(self.to_proto(write_diff), path)
+
+    def save_hdf5(self, path: str | PathLike, write_diff: bool = False) -> None:
+        """Write the weights in Caffe's HDF5 layout (``/data/<layer>/<i>``), atomically."""
+        from engine.io import write_net_hdf5
+
+        write_net_hdf5(self.to_proto(write_diff), path, write_diff)
+
+    def load_hdf5(self, path: str | PathLike) -> None:
+        """Copy weights by layer name from an HDF5 .caffemodel (pycaffe's ``load_hdf5``)."""
+        self.copy_from(path)  # copy_from recognises the HDF5 signature
+
+    # -- pycaffe's lower-level names -----------------------------------------------------------
+    @property
+    def _blob_names(self) -> list[str]:
+        return list(self.blobs)
+
+    @property
+    def _blobs(self) -> list[Blob]:
+        return list(self.blobs.values())
+
+    @property
+    def _blob_loss_weights(self) -> list[float]:
+        return list(self.blob_loss_weights.values())
+
+    @property
+    def _inputs(self) -> list[int]:
+        return [self._blob_names.index(name) for name in self.inputs]
+
+    @property
+    def _outputs(self) -> list[int]:
+        return [self._blob_names.index(name) for name in self.outputs]
+
+    def _top_ids(self, i: int) -> list[int]:
+        names = self._blob_names
+        return [names.index(n) for n in self.top_names[self.layers[i].name] if n in self.blobs]
+
+    def _bottom_ids(self, i: int) -> list[int]:
+        names = self._blob_names
+        return [names.index(n) for n in self.bottom_names[self.layers[i].name]]
+
+    def _forward(self, start: int, end: int) -> float:
+        """Layers ``start..end`` inclusive by index (Caffe's ForwardFromTo); returns the loss."""
+        return self.forward_from_to(start, end)
+
+    def _backward(self, start: int, end: int) -> None:
+        """Layers ``start`` down to ``end`` by index (Caffe's BackwardFromTo)."""
+        self.backward_from_to(start, end)
+
+    def _batch(self, arrays: dict[str, np.ndarray]):
+        """Yield ``{name: batch}`` dicts of the net's batch size; the last one zero-padded."""
+        num = len(next(iter(arrays.values())))
+        batch_size = next(iter(self.blobs.values())).shape[0]
+        for i in range(0, num, batch_size):
+            batch = {}
+            for name, array in arrays.items():
+                part = np.asarray(array[i:i + batch_size])
+                if len(part) < batch_size:
+                    pad = np.zeros((batch_size - len(part), *part.shape[1:]), part.dtype)
+                    part = np.concatenate([part, pad])
+                batch[name] = part
+            yield batch
+
+    def forward_backward_all(self, blobs: Sequence[str] | None = None,
+                             diffs: Sequence[str] | None = None,
+                             **arrays: np.ndarray) -> tuple[dict[str, np.ndarray],
+                                                            dict[str, np.ndarray]]:
+        """Forward and backward in batches (pycaffe's ``forward_backward_all``).
+
+        ``arrays`` holds input data (by input name) and output diffs (by output name) of any
+        common length; returns ``(outputs and blobs, input and extra diffs)`` for every item.
+        """
+        inputs = {n: arrays[n] for n in self.inputs if n in arrays}
+        top_diffs = {n: arrays[n] for n in self.outputs if n in arrays}
+        forward_batches = list(self._batch(inputs)) if inputs else []
+        backward_batches = list(self._batch(top_diffs)) if top_diffs else []
+        outs: dict[str, list[np.ndarray]] = {}
+        grads: dict[str, list[np.ndarray]] = {}
+        for k in range(max(len(forward_batches), len(backward_batches))):
+            fb = forward_batches[k] if k < len(forward_batches) else {}
+            bb = backward_batches[k] if k < len(backward_batches) else {}
+            for name, out in self.forward(blobs=blobs, **fb).items():
+                outs.setdefault(name, []).append(out.copy())
+            for name, diff in self.backward(diffs=diffs, **bb).items():
+                grads.setdefault(name, []).append(diff.copy())
+        total = len(next(iter(arrays.values()))) if arrays else None
+        all_outs = {n: np.concatenate(parts)[:total] for n, parts in outs.items()}
+        all_diffs = {n: np.concatenate(parts)[:total] for n, parts in grads.items()}
+        return all_outs, all_diffs
 
     def __repr__(self) -> str:
         phase = "TRAIN" if self.phase == TRAIN else "TEST"

@@ -1,0 +1,96 @@
+"""pycaffe's solver classes: ``caffe.SGDSolver("solver.prototxt")`` and its five siblings.
+
+Each class is Moka's update rule built from a solver file, as pycaffe's constructors are: the
+class decides the rule, whatever the file's ``type`` says (``get_solver`` follows ``type``).
+As in pycaffe every class is an ``SGDSolver``; the rule's own class comes first in the bases so
+its ``compute_update`` and state names are the ones used. The loop, snapshots and callbacks are
+``solvers.Solver``'s; this module only adapts construction.
+"""
+
+from __future__ import annotations
+
+import os
+from os import PathLike
+
+from engine.io import read_solver_param
+from solvers.adaptive import AdaDelta, AdaGrad, Adam, RMSProp
+from solvers.lr_policies import learning_rate
+from solvers.sgd import SGD, Nesterov
+from solvers.solver import SOLVERS, Solver
+
+
+class SGDSolver(SGD):
+    """``SGDSolver(filename)``: a solver from a solver prototxt (pycaffe's constructor)."""
+
+    def __init__(self, filename: str | PathLike) -> None:
+        path = os.fspath(filename)
+        # a missing snapshot folder is made at the first snapshot, as `engine train` does
+        super().__init__(read_solver_param(path), path=path, create_snapshot_folder=True)
+
+    @property
+    def lr(self) -> float:
+        """The learning rate the next update uses (pycaffe's ``SGDSolver.lr``)."""
+        return learning_rate(self.param, self.iter, self.current_step)[0]
+
+    def share_weights(self, net) -> None:
+        """Make ``net`` use this solver's training weights (pycaffe's ``share_weights``)."""
+        net.share_with(self.net)
+
+
+class NesterovSolver(Nesterov, SGDSolver):
+    """``NesterovSolver(filename)``."""
+
+
+class AdaGradSolver(AdaGrad, SGDSolver):
+    """``AdaGradSolver(filename)``."""
+
+
+class RMSPropSolver(RMSProp, SGDSolver):
+    """``RMSPropSolver(filename)``."""
+
+
+class AdaDeltaSolver(AdaDelta, SGDSolver):
+    """``AdaDeltaSolver(filename)``."""
+
+
+class AdamSolver(Adam, SGDSolver):
+    """``AdamSolver(filename)``."""
+
+
+PYCAFFE_SOLVERS: dict[str, type[SGDSolver]] = {
+    "SGD": SGDSolver,
+    "Nesterov": NesterovSolver,
+    "AdaGrad": AdaGradSolver,
+    "RMSProp": RMSPropSolver,
+    "AdaDelta": AdaDeltaSolver,
+    "Adam": AdamSolver,
+}
+
+
+def get_solver(filename: str | PathLike) -> Solver:
+    """The solver a prototxt's ``type`` names (pycaffe's ``caffe.get_solver``).
+
+    Caffe's six rules come back as the pycaffe classes above; a rule registered with
+    ``solvers.register_solver`` is built by ``solvers.get_solver``.
+    """
+    param = read_solver_param(filename)
+    solver_class = PYCAFFE_SOLVERS.get(param.type)
+    if solver_class is not None:
+        return solver_class(filename)
+    if param.type not in SOLVERS:
+        from solvers.solver import get_solver as get_registered
+
+        return get_registered(filename)  # raises the error that lists the known types
+    return SOLVERS[param.type](param, path=os.fspath(filename), create_snapshot_folder=True)
+
+
+__all__ = [
+    "PYCAFFE_SOLVERS",
+    "AdaDeltaSolver",
+    "AdaGradSolver",
+    "AdamSolver",
+    "NesterovSolver",
+    "RMSPropSolver",
+    "SGDSolver",
+    "get_solver",
+]

@@ -8,8 +8,10 @@ parameters given (any PSPNet field, or four stored blobs, means PSPNet's):
   statistics in every phase; ``INFERENCE`` is ``y = scale * x + shift``: the forks keep no
   moving averages, their ``compute_bn_statistics.py`` folds the dataset statistics into scale
   and shift after training.
-- PSPNet (hszhao/PSPNet): blobs [slope, bias, mean, variance], each (1, C, 1, 1). Inference
-  (``frozen: true``, or the TEST phase) is supported; training it with moving averages is not.
+- PSPNet (hszhao/PSPNet): blobs [slope, bias, mean, variance], each (1, C, 1, 1); moving
+  averages of the batch statistics in TRAIN (``blob = (1 - momentum) * batch + momentum *
+  blob``), used in TEST and whenever ``frozen: true``. As the fork, setup forces lr_mult and
+  decay_mult 0 on the two statistics (and on slope and bias when frozen).
 """
 
 from __future__ import annotations
@@ -35,12 +37,14 @@ def _channel_sum(a: np.ndarray) -> np.ndarray:
 class BN(Layer):
     """Per-channel batch normalization followed by a learned scale and shift.
 
-    LEARN (SegNet/ENet): ``mean = E[x]``, ``var = E[x^2] - mean^2`` over (N, H, W),
-    ``x_hat = (x - mean) / sqrt(var + 1e-9)``, ``y = scale * x_hat + shift``; optional tops 1
-    and 2 receive the batch mean and variance, (1, C, 1, 1). Backward, with ``g = scale * dy``:
-    ``dx = (g - E[g] - x_hat * E[g * x_hat]) / sqrt(var + 1e-9)``, ``dscale = sum(dy * x_hat)``,
-    ``dshift = sum(dy)``. INFERENCE: ``y = scale * x + shift``, ``dscale = sum(dy * x)``.
-    PSPNet inference: ``y = slope * (x - mean) / sqrt(variance + eps) + bias``.
+    LEARN (SegNet/ENet, in every phase): ``mean = E[x]``, ``var = E[x^2] - mean^2`` over
+    (N, H, W), ``x_hat = (x - mean) / sqrt(var + 1e-9)``, ``y = scale * x_hat + shift``;
+    optional tops 1 and 2 receive the batch mean and variance, (1, C, 1, 1). Backward, with
+    ``g = scale * dy``: ``dx = (g - E[g] - x_hat * E[g * x_hat]) / sqrt(var + 1e-9)``,
+    ``dscale = sum(dy * x_hat)``, ``dshift = sum(dy)``. INFERENCE: ``y = scale * x + shift``,
+    ``dscale = sum(dy * x)``. PSPNet: TRAIN as LEARN with ``var = E[(x - mean)^2]`` and
+    ``eps``; TEST or frozen ``y = slope * (x - mean) / sqrt(variance + eps) + bias`` with the
+    stored statistics, which backward treats as constants.
     Parameter diffs accumulate (the forks overwrite them), as every Moka layer's do.
     Shapes: bottom (N, C, ...) -> top like bottom; safe in place.
     """
@@ -65,18 +69,20 @@ class BN(Layer):
         self.eps = SEGNET_EPS
 
     def _setup_pspnet(self, p, shape: tuple[int, ...], top: list[Blob]) -> None:
-        self.frozen = bool(p.frozen)
-        if not self.frozen and self.phase != TEST:
-            raise self.error("PSPNet's BN form trains moving averages, which Moka does not "
-                             "support; set bn_param { frozen: true } or run in the TEST phase")
         if len(top) > 1:
             raise self.error("PSPNet's BN form has one top")
-        self.mode = INFERENCE
-        self.eps = float(p.eps)
+        self.frozen = bool(p.frozen)
+        self.momentum, self.eps = float(p.momentum), float(p.eps)
+        self.mode = INFERENCE if self.frozen or self.phase == TEST else LEARN
         self.init_param_blobs([(shape, p.slope_filler), (shape, p.bias_filler),
                                (shape, None), (shape, None)])
         if not self._stored_blobs and self.frozen:
             self.blobs[3].data[...] = 1  # the fork starts a frozen layer's variance at 1
+        specs = self.param.param  # the Net reads the specs after setup
+        while len(specs) < 4:
+            specs.add()
+        for j in (0, 1, 2, 3) if self.frozen else (2, 3):
+            specs[j].lr_mult, specs[j].decay_mult = 0, 0
 
     def reshape(self, bottom: list[Blob], top: list[Blob]) -> None:
         shape = bottom[0].shape
@@ -97,21 +103,33 @@ class BN(Layer):
     def forward(self, bottom: list[Blob], top: list[Blob]) -> None:
         x = self._planes(bottom[0].data)
         y = self._planes(top[0].data)
-        if self.pspnet:
-            self.inv_std = 1 / np.sqrt(self._vector(3) + self.dtype.type(self.eps))
-            self.x_hat = (x - self._vector(2)) * self.inv_std
-        elif self.mode == INFERENCE:
-            self.x_hat = x.copy()  # dscale needs x, which an in-place top overwrites
-            self.inv_std = None
-        else:
-            count = x.shape[0] * x.shape[2]
-            mean = _channel_sum(x) / count
-            var = _channel_sum(x * x) / count - mean * mean  # E[x^2] - E[x]^2, as the fork
+        if self.mode == LEARN:
+            mean, var = self._batch_statistics(x)
             for blob, value in zip(top[1:], (mean, var), strict=False):
                 blob.data[...] = value.reshape(blob.shape)
             self.inv_std = 1 / np.sqrt(var + self.dtype.type(self.eps)).reshape(1, -1, 1)
             self.x_hat = (x - mean.reshape(1, -1, 1)) * self.inv_std
+        elif self.pspnet:  # the stored statistics
+            self.inv_std = 1 / np.sqrt(self._vector(3) + self.dtype.type(self.eps))
+            self.x_hat = (x - self._vector(2)) * self.inv_std
+        else:
+            self.x_hat = x.copy()  # dscale needs x, which an in-place top overwrites
+            self.inv_std = None
         np.copyto(y, self._vector(0) * self.x_hat + self._vector(1))
+
+    def _batch_statistics(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per-channel mean and biased variance, each fork's way; PSPNet also updates its
+        moving averages."""
+        count = x.shape[0] * x.shape[2]
+        mean = _channel_sum(x) / count
+        if not self.pspnet:
+            return mean, _channel_sum(x * x) / count - mean * mean  # E[x^2] - E[x]^2
+        centred = x - mean.reshape(1, -1, 1)
+        var = _channel_sum(centred * centred) / count
+        m = self.dtype.type(self.momentum)
+        for blob, value in ((self.blobs[2], mean), (self.blobs[3], var)):
+            blob.data[...] = (1 - m) * value.reshape(blob.shape) + m * blob.data
+        return mean, var
 
     def backward(self, top: list[Blob], propagate_down: Sequence[bool],
                  bottom: list[Blob]) -> None:
@@ -126,7 +144,7 @@ class BN(Layer):
         g = dy * self._vector(0)
         if self.inv_std is None:  # INFERENCE: y is affine in x
             dx = g
-        elif self.pspnet:  # statistics are constants
+        elif self.mode == INFERENCE:  # PSPNet's stored statistics are constants
             dx = g * self.inv_std
         else:
             count = dy.shape[0] * dy.shape[2]

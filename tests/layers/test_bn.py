@@ -1,16 +1,20 @@
-"""The forks' BN layer: SegNet/ENet (LEARN and INFERENCE) and PSPNet (inference) forms against
-the forks' loops, gradients on bottom and scale/shift, tops, blob layout, errors."""
+"""The forks' BN layer: SegNet/ENet (LEARN and INFERENCE) and PSPNet (moving averages, frozen)
+forms against the forks' loops, gradients on bottom and scale/shift, tops, blob layout,
+learning-rate overrides, errors."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from google.protobuf import text_format
 from gradcheck import check_gradient
 from layer_helpers import blob_of, layer_param, make_layer, random_blob
 
+from engine import caffe_pb2
 from engine.blob import Blob
 from engine.errors import LayerError
 from engine.layer import TEST, TRAIN, create_layer
+from engine.net import Net
 
 FILLERS = ('scale_filler { type: "uniform" min: 0.5 max: 1.5 } '
            'shift_filler { type: "uniform" min: -1 max: 1 }')
@@ -134,9 +138,45 @@ def test_pspnet_frozen_form():
     check_gradient(layer, [x], [top], check_params=False)
 
 
-def test_pspnet_training_is_refused_clearly():
-    with pytest.raises(LayerError, match="PSPNet's BN form trains moving averages"):
-        bn("momentum: 0.95", [random_blob((1, 2, 2, 2))])
+PSP_TRAIN = ('slope_filler { type: "uniform" min: 0.5 max: 1.5 } bias_filler { type: "uniform" '
+             'min: -1 max: 1 } momentum: 0.95')
+
+
+def test_pspnet_training_normalizes_by_the_batch_and_updates_moving_averages():
+    x = random_blob((2, 3, 4, 4), seed=9, low=-1, high=3)
+    layer, (top,) = bn(PSP_TRAIN, [x])
+    old_mean, old_var = np.full((1, 3, 1, 1), 0.5), np.full((1, 3, 1, 1), 2.0)
+    layer.blobs[2].data[...], layer.blobs[3].data[...] = old_mean, old_var
+    layer.forward([x], [top])
+    mean = x.data.mean(axis=(0, 2, 3), keepdims=True)
+    var = ((x.data - mean) ** 2).mean(axis=(0, 2, 3), keepdims=True)
+    slope, bias = (b.data for b in layer.blobs[:2])
+    eps = float(np.float32(1e-5))
+    np.testing.assert_allclose(top.data, slope * (x.data - mean) / np.sqrt(var + eps) + bias,
+                               rtol=1e-12)
+    momentum = float(np.float32(0.95))
+    np.testing.assert_allclose(layer.blobs[2].data, (1 - momentum) * mean + momentum * old_mean,
+                               rtol=1e-12)
+    np.testing.assert_allclose(layer.blobs[3].data, (1 - momentum) * var + momentum * old_var,
+                               rtol=1e-12)
+    check_gradient(layer, [x], [top], stepsize=1e-4)
+
+
+@pytest.mark.parametrize(("params", "learned"), [
+    (PSP_TRAIN, [1, 1, 0, 0]),
+    (PSP_TRAIN + " frozen: true", [0, 0, 0, 0]),
+    (FILLERS, [1, 1]),
+])
+def test_pspnet_statistics_are_never_learned(params, learned):
+    """The fork overrides lr_mult and decay_mult of the statistics (and of everything when
+    frozen), whatever the prototxt says."""
+    text = ('layer { name: "x" type: "Input" top: "x" input_param { shape { dim: 2 dim: 3 '
+            'dim: 2 dim: 2 } } } layer { name: "bn" type: "BN" bottom: "x" top: "y" '
+            f'param {{ lr_mult: 1 decay_mult: 1 }} param {{ lr_mult: 1 }} '
+            f'bn_param {{ {params} }} }}')
+    net = Net(text_format.Parse(text, caffe_pb2.NetParameter()), TRAIN)
+    assert net.params_lr == learned
+    assert net.params_weight_decay[2:] == [0] * (len(learned) - 2)
 
 
 def test_four_stored_blobs_mean_the_pspnet_form():

@@ -16,6 +16,7 @@ from engine.layers import (  # noqa: F401
     data,
     deconvolution,
     embed,
+    hdf5_output,
     image_data,
     inner_product,
     loss,
@@ -32,6 +33,7 @@ from engine.layers import (  # noqa: F401
     spp,
     structural,
     utility,
+    window_data,
 )
 
 

@@ -415,9 +415,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", metavar="IN.prototxt", help="a legacy net or solver prototxt")
     p.add_argument("output", metavar="OUT.prototxt", help="where to write the upgraded file")
 
-    from engine import features, layer_list, logs, summary  # each registers its commands
+    from engine import check, features, layer_list, logs, summary  # each registers its own
 
-    for module in (summary, logs, features, layer_list):
+    for module in (summary, logs, features, check, layer_list):
         module.add_commands(subparsers, _add_command, _net_state_flags)
     from engine import pytools  # caffe's python/ tools: classify, detect
 

@@ -213,16 +213,17 @@ def prepare_net_param(model, batch: int | None = None,
                 replaced[layer.name] = layer.type
                 net.layer[i].CopyFrom(_as_input(layer, shapes))
             elif batch is not None:
-                _set_batch(net.layer[i], batch)
+                set_batch_size(net.layer[i], batch)
         elif layer.type == "Input":
-            _resize_input(net.layer[i], batch, given, first)
+            resize_input(net.layer[i], batch, given, first)
         elif batch is not None:
-            _set_batch(net.layer[i], batch)
+            set_batch_size(net.layer[i], batch)
         first = False
     return net, replaced
 
 
-def _set_batch(layer, batch: int) -> None:
+def set_batch_size(layer, batch: int) -> None:
+    """Set the batch size of a data layer's parameters (DummyData: every shape's first dim)."""
     for name in ("data_param", "image_data_param", "hdf5_data_param", "memory_data_param",
                  "window_data_param"):
         if layer.HasField(name):
@@ -236,8 +237,9 @@ def _set_batch(layer, batch: int) -> None:
             p.num[i] = batch
 
 
-def _resize_input(layer, batch: int | None, given: Mapping[str, tuple[int, ...]],
-                  first: bool) -> None:
+def resize_input(layer, batch: int | None, given: Mapping[str, tuple[int, ...]] = {},
+                 first: bool = False) -> None:
+    """Give an Input layer's tops the shapes in ``given`` and the batch size ``batch``."""
     p = layer.input_param
     shapes = [tuple(s.dim) for s in p.shape]
     if len(shapes) == 1:

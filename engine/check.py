@@ -1,0 +1,398 @@
+"""``engine check``: a whole-net sanity check before training.
+
+Three checks, on one small batch of the net's own data (Input tops get standard normal values):
+
+1. **Gradients, in place.** The net runs forward once in float64; then every layer that has a
+   backward is checked on the very bottoms it saw in the net: with the objective
+   ``L = sum_k <w_k, top_k>`` (``w_k`` fixed random), up to ``samples`` elements of each
+   checked bottom and learnable parameter are moved by ``±step`` and the central difference is
+   compared with the layer's analytic gradient, within ``threshold * max(|a|, |n|, 1)``. An
+   element where the two one-sided differences disagree sits on a kink (ReLU at 0, a max-pooling
+   tie) and is skipped, not failed.
+2. **Statistics after initialisation.** Each layer's top mean and standard deviation on the
+   batch, the fraction of dead ReLU units (zero for every item of the batch), and after one
+   backward pass the standard deviation of the gradient reaching the layer's bottom (or its
+   parameters). Deep nets with a badly scaled init show it here: activations that shrink to
+   zero or blow up layer after layer.
+3. **Overfit one batch** (done by the caller, which owns a solver: ``engine check`` runs Adam on
+   the batch with the data layers replaced by Input layers holding it): the loss must fall near
+   zero, else something stops the net from learning.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from engine import caffe_pb2
+from engine.blob import Blob
+from engine.errors import MokaError
+from engine.layer import TRAIN
+
+# Layers whose output does not vary smoothly with their inputs: nothing to check.
+NO_GRADIENT = ("Accuracy", "ArgMax", "Silence", "Threshold")
+
+
+@dataclass
+class LayerReport:
+    """What ``engine check`` found for one layer."""
+
+    name: str
+    type: str
+    top_mean: float | None = None
+    top_std: float | None = None
+    top_count: int = 0
+    dead_fraction: float | None = None  # ReLU only: units zero for the whole batch
+    grad_std: float | None = None  # of the bottom diff (or the parameter diff) after backward
+    checked: int = 0  # gradient elements compared
+    kinks: int = 0  # elements skipped at a non-differentiable point
+    max_error: float = 0.0  # largest relative error among the compared elements
+    failure: str | None = None  # the first element that failed, described
+
+    @property
+    def verdict(self) -> str:
+        if self.failure:
+            return "FAIL"
+        if self.dead_fraction is not None and self.dead_fraction >= 0.5:
+            return "warn: dead ReLUs"
+        if self.top_std is not None and self.top_std < 1e-6 and self.top_count > 1:
+            return "warn: no signal"
+        return "ok"
+
+
+@dataclass
+class NetReport:
+    """The whole check; ``ok`` when no gradient failed and the batch was overfit."""
+
+    name: str
+    batch: int
+    layers: list[LayerReport]
+    losses: list[float] = field(default_factory=list)  # the overfit run, iteration by iteration
+    overfit_ratio: float = 0.05  # the final loss must be below this fraction of the first
+
+    @property
+    def gradients_ok(self) -> bool:
+        return not any(r.failure for r in self.layers)
+
+    @property
+    def overfit_ok(self) -> bool | None:
+        if not self.losses:
+            return None
+        return self.losses[-1] <= self.overfit_ratio * max(self.losses[0], 1e-12)
+
+    @property
+    def ok(self) -> bool:
+        return self.gradients_ok and self.overfit_ok is not False
+
+    def layer(self, name: str) -> LayerReport:
+        for r in self.layers:
+            if r.name == name:
+                return r
+        raise KeyError(name)
+
+    def __str__(self) -> str:
+        return format_report(self)
+
+
+# -- building the net on one batch ---------------------------------------------------------------
+def prepare_param(model, batch: int | None = None):
+    """The net definition with ``force_backward`` on and the data layers' batch set."""
+    from engine.io import read_net_param
+    from engine.summary import resize_input, set_batch_size
+
+    param = caffe_pb2.NetParameter()
+    param.CopyFrom(read_net_param(model))
+    param.force_backward = True
+    if batch is not None:
+        for layer in param.layer:
+            if layer.bottom:
+                continue
+            if layer.type == "Input":
+                resize_input(layer, batch)
+            else:
+                set_batch_size(layer, batch)
+    return param
+
+
+def one_batch_param(param, net) -> tuple[caffe_pb2.NetParameter, dict[str, np.ndarray]]:
+    """``param`` with its data layers made Input layers, and the batch ``net`` holds for them.
+
+    A solver built on it sees the same batch at every iteration (Input's forward keeps what was
+    written into its tops).
+    """
+    fixed = caffe_pb2.NetParameter()
+    fixed.CopyFrom(param)
+    fixed.force_backward = False
+    present = set(net.layer_dict)
+    feed: dict[str, np.ndarray] = {}
+    for layer in fixed.layer:
+        if layer.bottom or layer.name not in present:
+            continue
+        tops = list(layer.top)
+        replacement = caffe_pb2.LayerParameter(name=layer.name, type="Input", top=tops)
+        replacement.include.extend(layer.include)
+        replacement.exclude.extend(layer.exclude)
+        for name in tops:
+            replacement.input_param.shape.add().dim.extend(net.blobs[name].shape)
+            feed[name] = net.blobs[name].data.copy()
+        layer.CopyFrom(replacement)
+    return fixed, feed
+
+
+# -- the check -----------------------------------------------------------------------------------
+def check_net(model, weights: str | None = None, phase: int = TRAIN, batch: int | None = 8,
+              level: int = 0, stages: Sequence[str] = (), samples: int = 20,
+              step: float = 1e-3, threshold: float = 1e-3, seed: int = 1701,
+              overfit: Callable[[caffe_pb2.NetParameter, dict[str, np.ndarray]],
+                                list[float]] | None = None) -> NetReport:
+    """Check the net ``model``; ``overfit(net_param, feed)`` (if given) trains on the batch and
+    returns the loss at each iteration."""
+    from engine.net import Net
+
+    param = prepare_param(model, batch)
+    quiet = logging.getLogger("engine")
+    level_before = quiet.level
+    quiet.setLevel(max(logging.WARNING, level_before))
+    try:
+        net = Net(param, phase=phase, level=level, stages=stages, dtype=np.float64,
+                  rng=np.random.default_rng(seed))
+    finally:
+        quiet.setLevel(level_before)
+    if weights:
+        net.copy_from(weights)
+    rng = np.random.default_rng(seed)
+    for name in net.inputs:
+        net.blobs[name].data[...] = rng.standard_normal(net.blobs[name].shape)
+    reports = [LayerReport(layer.name, layer.type) for layer in net.layers]
+    inputs = _forward_with_stats(net, reports)
+    if any(any(w for w in ws) for ws in net.loss_weights):
+        _backward_with_stats(net, reports)
+    for i, layer in enumerate(net.layers):
+        if inputs[i] and layer.type not in NO_GRADIENT and net.layer_need_backward[i]:
+            _check_layer(layer, inputs[i], len(net.top_vecs[i]), net.bottom_need_backward[i],
+                         reports[i], samples, step, threshold, seed)
+    n = next((int(net.blobs[t].shape[0]) for t in net.blobs if net.blobs[t].num_axes), 1)
+    shown = [r for r in reports if r.type != "Split"]
+    report = NetReport(net.name, n, shown)
+    if overfit is not None:
+        fixed, feed = one_batch_param(param, net)
+        report.losses = list(overfit(fixed, feed))
+    return report
+
+
+def _forward_with_stats(net, reports: list[LayerReport]) -> list[list[np.ndarray]]:
+    """Forward layer by layer; returns each layer's bottoms as it saw them."""
+    inputs: list[list[np.ndarray]] = []
+    for i, layer in enumerate(net.layers):
+        inputs.append([b.data.copy() for b in net.bottom_vecs[i]])
+        net.forward_from_to(i, i)
+        top = net.top_vecs[i]
+        if top and top[0].count:
+            data = top[0].data
+            reports[i].top_mean = float(data.mean())
+            reports[i].top_std = float(data.std())
+            reports[i].top_count = int(data.size)
+            if layer.type == "ReLU" and data.ndim >= 2:
+                units = data.reshape(data.shape[0], -1)
+                reports[i].dead_fraction = float((units <= 0).all(axis=0).mean())
+    return inputs
+
+
+def _backward_with_stats(net, reports: list[LayerReport]) -> None:
+    for weights, top in zip(net.loss_weights, net.top_vecs, strict=True):
+        for w, blob in zip(weights, top, strict=True):
+            if w:
+                blob.diff[...] = w
+    net.clear_param_diffs()
+    for i in reversed(range(len(net.layers))):
+        if not net.layer_need_backward[i]:
+            continue
+        net.backward_from_to(i, i)
+        needs = net.bottom_need_backward[i]
+        diffs = [b.diff for b, need in zip(net.bottom_vecs[i], needs, strict=True) if need]
+        diffs = diffs or [b.diff for b in net.layers[i].blobs]
+        if diffs and diffs[0].size:
+            reports[i].grad_std = float(diffs[0].std())
+
+
+def _check_layer(layer, inputs: list[np.ndarray], n_top: int, need: Sequence[bool],
+                 report: LayerReport, samples: int, step: float, threshold: float,
+                 seed: int) -> None:
+    """Compare the layer's analytic gradients with central differences on ``inputs``."""
+    bottom = [Blob(x.shape, np.float64) for x in inputs]
+    for blob, x in zip(bottom, inputs, strict=True):
+        blob.data[...] = x
+    top = [Blob((), np.float64) for _ in range(n_top)]
+    saved_rng = layer.rng
+    saved_params = [b.data.copy() for b in layer.blobs]
+    saved_diffs = [b.diff.copy() for b in layer.blobs]
+    try:
+        layer.reshape(bottom, top)
+        weight_rng = np.random.default_rng(seed)
+        weights = [weight_rng.standard_normal(t.shape) for t in top]
+
+        def objective() -> float:
+            layer.rng = np.random.default_rng(seed)  # the same dropout mask every time
+            layer.reshape(bottom, top)
+            layer.forward(bottom, top)
+            return float(sum(np.sum(w * t.data) for w, t in zip(weights, top, strict=True)))
+
+        base = objective()
+        for blob in layer.blobs:
+            blob.diff[...] = 0
+        for w, t in zip(weights, top, strict=True):
+            t.diff[...] = w
+        propagate = [bool(n) for n in need]
+        layer.backward(top, propagate, bottom)
+        targets = [(f"bottom[{j}]", b) for j, b in enumerate(bottom) if propagate[j]]
+        learnable = layer.param_propagate_down or [False] * len(layer.blobs)
+        targets += [(f"param[{j}]", b) for j, (b, learns) in
+                    enumerate(zip(layer.blobs, learnable, strict=False)) if learns]
+        analytic = [(name, blob, blob.diff.copy().reshape(-1)) for name, blob in targets]
+        pick = np.random.default_rng(seed + 1)
+        for name, blob, grad in analytic:
+            flat = blob.data.reshape(-1)
+            if not flat.size:
+                continue
+            chosen = pick.choice(flat.size, min(samples, flat.size), replace=False)
+            for j in chosen:
+                x = flat[j]
+                flat[j] = x + step
+                plus = objective()
+                flat[j] = x - step
+                minus = objective()
+                flat[j] = x
+                right, left = (plus - base) / step, (base - minus) / step
+                if abs(right - left) > threshold * max(abs(right), abs(left), 1.0):
+                    report.kinks += 1
+                    continue
+                numeric = (plus - minus) / (2 * step)
+                error = abs(grad[j] - numeric) / max(abs(grad[j]), abs(numeric), 1.0)
+                report.checked += 1
+                report.max_error = max(report.max_error, error)
+                if error > threshold and report.failure is None:
+                    report.failure = (f"{name} element {int(j)}: analytic {grad[j]:.6g}, "
+                                      f"numeric {numeric:.6g}")
+    finally:
+        layer.rng = saved_rng
+        for blob, data, diff in zip(layer.blobs, saved_params, saved_diffs, strict=True):
+            blob.data[...] = data
+            blob.diff[...] = diff
+
+
+# -- printing ------------------------------------------------------------------------------------
+def _num(value: float | None, fmt: str = ".3g") -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def format_report(report: NetReport) -> str:
+    header = ("layer", "type", "top mean", "top std", "dead", "grad std", "gradient check",
+              "verdict")
+    rows = [header]
+    for r in report.layers:
+        if r.failure:
+            grad = f"{r.checked} compared, max err {r.max_error:.2g}"
+        elif r.checked or r.kinks:
+            grad = f"{r.checked} ok, max err {r.max_error:.2g}"
+            grad += f" ({r.kinks} kinks)" if r.kinks else ""
+        else:
+            grad = "-"
+        dead = "-" if r.dead_fraction is None else f"{100 * r.dead_fraction:.0f}%"
+        rows.append((r.name, r.type, _num(r.top_mean), _num(r.top_std), dead,
+                     _num(r.grad_std), grad, r.verdict))
+    widths = [max(len(row[c]) for row in rows) for c in range(len(header))]
+    lines = []
+    for k, row in enumerate(rows):
+        lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True))
+                     .rstrip())
+        if k == 0:
+            lines.append("-" * len(lines[0]))
+    lines.append("")
+    failed = [r for r in report.layers if r.failure]
+    for r in failed:
+        lines.append(f"layer '{r.name}' ({r.type}): backward disagrees with the numerical "
+                     f"gradient at {r.failure}")
+    checked = sum(1 for r in report.layers if r.checked)
+    lines.append(f"gradients: {'FAIL' if failed else 'ok'} ({checked} layers checked in float64 "
+                 f"on a batch of {report.batch})")
+    if report.losses:
+        first, last = report.losses[0], report.losses[-1]
+        verdict = "ok" if report.overfit_ok else "FAIL (the loss did not fall near zero)"
+        lines.append(f"overfit one batch: loss {first:.4g} -> {last:.4g} in "
+                     f"{len(report.losses)} iterations: {verdict}")
+    lines.append(f"verdict: {'ok' if report.ok else 'FAIL'}")
+    return "\n".join(lines)
+
+
+# -- the command line (owns a solver for the overfit run) ----------------------------------------
+def solver_overfit(iterations: int, base_lr: float, seed: int = 1701
+                   ) -> Callable[[caffe_pb2.NetParameter, dict[str, np.ndarray]], list[float]]:
+    """An ``overfit`` for :func:`check_net` that trains with the solvers package's Adam.
+
+    Part of the command line: the engine itself never imports ``solvers`` (DESIGN.md).
+    """
+
+    def run_adam(net_param, feed: dict[str, np.ndarray]) -> list[float]:
+        import solvers
+
+        param = caffe_pb2.SolverParameter(type="Adam", base_lr=base_lr, momentum=0.9,
+                                          momentum2=0.999, lr_policy="fixed",
+                                          max_iter=iterations, display=0, random_seed=seed,
+                                          snapshot_after_train=False)
+        param.net_param.CopyFrom(net_param)
+        quiet = logging.getLogger()
+        before = quiet.level
+        quiet.setLevel(logging.WARNING)  # the solver's per-iteration lines are not the report
+        try:
+            solver = solvers.get_solver(param)
+            for name, array in feed.items():
+                solver.net.blobs[name].data[...] = array
+            losses = []
+            for _ in range(iterations):
+                losses.append(float(solver.net.forward_from_to()))
+                solver.step(1)
+            losses.append(float(solver.net.forward_from_to()))
+        finally:
+            quiet.setLevel(before)
+        return losses
+
+    return run_adam
+
+
+def run(args) -> int:
+    """Check a net before training: gradients of every layer, init statistics, overfit a batch."""
+    import os
+
+    model = args.model_file or args.model
+    if not model or not os.path.isfile(model):
+        raise MokaError(f"model file '{model}' not found" if model else
+                        "need a net to check: engine check NET.prototxt")
+    if args.weights and not os.path.isfile(args.weights):
+        raise MokaError(f"weights file '{args.weights}' not found")
+    stages = [s for value in args.stage or () for s in value.split(",") if s]
+    overfit = None if args.overfit_iterations == 0 else \
+        solver_overfit(args.overfit_iterations, args.lr)
+    report = check_net(model, args.weights, TRAIN if args.phase == "TRAIN" else 1, args.batch,
+                       args.level, stages, samples=args.samples, overfit=overfit)
+    print(report)
+    return 0 if report.ok else 1
+
+
+def add_commands(subparsers, add_command, net_state_flags) -> None:
+    """Register ``engine check`` (from engine/cli.py)."""
+    p = add_command(subparsers, run, "check")
+    p.add_argument("model_file", nargs="?", metavar="NET", help="the net prototxt")
+    p.add_argument("--model", help="the net prototxt (as Caffe's flag)")
+    p.add_argument("--weights", help="start from these weights instead of the fillers")
+    p.add_argument("--phase", choices=("TRAIN", "TEST"), default="TRAIN",
+                   help="the phase to build the net in (default TRAIN)")
+    p.add_argument("--batch", type=int, default=8, help="the batch size to check on (default 8)")
+    p.add_argument("--samples", type=int, default=20,
+                   help="gradient elements compared per blob (default 20)")
+    p.add_argument("--overfit-iterations", type=int, default=300,
+                   help="Adam iterations on the one batch (0 skips the overfit run)")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam's learning rate (default 1e-3)")
+    net_state_flags(p)

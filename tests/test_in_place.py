@@ -144,16 +144,27 @@ layer { name: "loss" type: "EuclideanLoss" bottom: "fc" bottom: "t" top: "loss" 
 """
 
 
+# SegNet/ENet's form: the forks' BN layer (its own scale and shift) in place, then ReLU
+SEGNET = RESNET.replace(
+    'layer { name: "bn" type: "BatchNorm" bottom: "conv" top: "conv" }',
+    'layer { name: "bn" type: "BN" bottom: "conv" top: "conv" bn_param { '
+    'scale_filler { type: "constant" value: 1.5 } shift_filler { type: "constant" value: 0.2 } } }'
+).replace('layer { name: "scale" type: "Scale" bottom: "conv" top: "conv" '
+          'scale_param { bias_term: true } }', "")
+
+
 @pytest.mark.parametrize("phase", [engine.TRAIN, engine.TEST])
-def test_resnet_chains_that_caffe_gets_right_get_no_copies(phase):
-    net = build(RESNET, phase)
+@pytest.mark.parametrize("text", [RESNET, SEGNET], ids=["resnet", "segnet"])
+def test_chains_that_caffe_gets_right_get_no_copies(phase, text):
+    net = build(text, phase)
     assert net.in_place_copies == []
     blobs = net.top_vecs
-    assert blobs[1][0] is blobs[2][0] is blobs[3][0] is blobs[4][0]  # one blob, as in Caffe
+    assert blobs[1][0] is blobs[2][0] is blobs[3][0]  # one blob, as in Caffe
 
 
-def test_resnet_unit_gradient():
-    net = build(RESNET)
+@pytest.mark.parametrize("text", [RESNET, SEGNET], ids=["resnet", "segnet"])
+def test_resnet_unit_gradient(text):
+    net = build(text)
     rng = np.random.default_rng(8)
     inputs = {"data": rng.standard_normal((2, 3, 4, 4)), "t": rng.standard_normal((2, 4))}
     assert check_net_gradient(net, inputs, tol=1e-5) > 100

@@ -49,6 +49,9 @@ class BN(Layer):
     Shapes: bottom (N, C, ...) -> top like bottom; safe in place.
     """
 
+    backward_needs_bottom_data = False  # backward reads its own x_hat and inv_std
+    backward_needs_top_data = False
+
     n_top = (1, 3)
 
     def setup(self, bottom: list[Blob], top: list[Blob]) -> None:

@@ -18,6 +18,9 @@ class ReLU6(NeuronLayer):
     Shape: any.
     """
 
+    backward_needs_bottom_data = False
+    backward_needs_top_data = True
+
     def forward(self, bottom: list[Blob], top: list[Blob]) -> None:
         np.minimum(np.maximum(bottom[0].data, 0), 6, out=top[0].data)
 

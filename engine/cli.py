@@ -422,6 +422,9 @@ def build_parser() -> argparse.ArgumentParser:
     from engine import pytools  # caffe's python/ tools: classify, detect
 
     pytools.add_commands(subparsers, _add_command, _net_state_flags)
+    from engine import draw  # caffe's python/draw_net.py
+
+    draw.add_commands(subparsers, _add_command, _net_state_flags)
     return parser
 
 

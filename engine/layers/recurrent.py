@@ -90,6 +90,8 @@ class Recurrent(Layer):
     the next (zeros at first), as in Caffe, so a stream may continue across batches; they are
     part of ``get_state()`` for exact resume. With it, gradients also flow to the initial-state
     bottoms and from the final-state tops (Caffe shares only their data and drops these).
+    T and N may change between forwards (Caffe fixes T at setup); a new N restarts the carried
+    state from zeros. ``debug_info`` logs the mean |value| of the output and of x's gradient.
     """
 
     n_states = 1  # recurrent state blobs: h (RNN) or h, c (LSTM)

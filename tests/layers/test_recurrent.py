@@ -265,6 +265,20 @@ def test_rnn_forward(static, expose):
         np.testing.assert_allclose(top[1].data[0], h_t, rtol=1e-12)
 
 
+def test_debug_info_logs_the_output_and_the_input_gradient(caplog):
+    bottom = bottoms()
+    layer, top = make_layer(text("RNN").replace("expose_hidden", "debug_info: true expose_hidden"),
+                            bottom)
+    layer.param.top.append("o")
+    layer.param.bottom.extend(["x", "cont"])
+    with caplog.at_level("INFO", logger="engine.layers.recurrent"):
+        layer.forward(bottom, top)
+        layer.backward(top, [True, False], bottom)
+    mean_out = float(np.mean(np.abs(top[0].data)))
+    assert f"[Forward] Layer rnn, top blob o data: {mean_out:.6g}" in caplog.text
+    assert "[Backward] Layer rnn, bottom blob x diff:" in caplog.text
+
+
 def test_float32_keeps_its_dtype():
     bottom = [random_blob(X_SHAPE, dtype=np.float32), blob_of(CONT, np.float32)]
     layer, top = make_layer(text("LSTM"), bottom, dtype=np.float32)

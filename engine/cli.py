@@ -22,6 +22,7 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 
@@ -60,9 +61,10 @@ class GlogFormatter(logging.Formatter):
 class _LogSetup:
     """Installs a stderr handler on the root logger for one ``main`` call, then undoes it."""
 
-    def __init__(self, level: int) -> None:
+    def __init__(self, level: int, stream: TextIO | None = None) -> None:
         self.root = logging.getLogger()
-        self.handler = logging.StreamHandler(sys.stderr)  # the stderr current at call time
+        # the stderr current at call time, or the progress line's wrapper of it
+        self.handler = logging.StreamHandler(sys.stderr if stream is None else stream)
         self.handler.setFormatter(GlogFormatter())
         self.old_level = self.root.level
         self.level = level
@@ -135,6 +137,10 @@ def train(args: argparse.Namespace) -> int:
         param.weights.extend(weights)
     solver = _create_solver(param, path)
     solver.install_signal_handlers(sigint=args.sigint_effect, sighup=args.sighup_effect)
+    if getattr(args, "status", None) is not None:
+        from engine.progress import TrainProgress
+
+        solver.progress = TrainProgress(args.status, solver)
     if args.snapshot:
         log.info("Resuming from %s", args.snapshot)
     log.info("Starting Optimization")
@@ -182,6 +188,11 @@ def test(args: argparse.Namespace) -> int:
     for f in weights:
         net.copy_from(f)
     log.info("Running for %d iterations.", args.iterations)
+    progress = None
+    if getattr(args, "status", None) is not None:
+        from engine.progress import TestProgress
+
+        progress = TestProgress(args.status, args.iterations)
     names = list(net.outputs)
     sums: list[np.ndarray] = [np.zeros(net.blobs[n].count, np.float64) for n in names]
     loss = 0.0
@@ -192,6 +203,8 @@ def test(args: argparse.Namespace) -> int:
             total += scores
             for score in scores:
                 log.info("Batch %d, %s = %s", i, name, _fmt(float(score)))
+        if progress is not None:
+            progress.update(i + 1, loss)
     log.info("Loss: %s", _fmt(loss / args.iterations))
     for name, total in zip(names, sums, strict=True):
         weight = net.blob_loss_weights.get(name, 0.0)
@@ -337,6 +350,11 @@ def _gpu_flag(parser: argparse.ArgumentParser) -> None:
                         "runs on the CPU only (a warning says so)")
 
 
+def _progress_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no_progress", action="store_true",
+                        help="no live progress line on a terminal (log lines only)")
+
+
 def _net_state_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--level", type=int, default=0, help="the net state's level")
     parser.add_argument("--stage", action="append", metavar="A,B",
@@ -367,6 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     _net_state_flags(p)
     _gpu_flag(p)
     _python_flag(p)
+    _progress_flag(p)
     for signal_name, default in (("sigint", "stop"), ("sighup", "snapshot")):
         p.add_argument(f"--{signal_name}_effect", choices=SIGNAL_EFFECTS, default=default,
                        help=f"what {signal_name.upper()} does while training "
@@ -379,6 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     _net_state_flags(p)
     _gpu_flag(p)
     _python_flag(p)
+    _progress_flag(p)
 
     p = _add_command(subparsers, time_, "time")
     p.add_argument("--model", help="the net prototxt")
@@ -482,9 +502,15 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "iterations", 1) < 1:
         return _report(UsageError("--iterations must be at least 1"), verbose=False, status=2)
     level = logging.WARNING if args.quiet else logging.INFO
-    with _LogSetup(level), python_layers_allowed(getattr(args, "allow_python", None)):
+    args.status = _status_stream(args)
+    with _LogSetup(level, args.status), python_layers_allowed(getattr(args, "allow_python",
+                                                                              None)):
         try:
-            return args.func(args)
+            try:
+                return args.func(args)
+            finally:
+                if args.status is not None:  # before any error line: it must not share a line
+                    args.status.clear()
         except (MokaError, OSError) as exc:
             return _report(exc, verbose=args.verbose)
         except KeyboardInterrupt:
@@ -492,6 +518,18 @@ def main(argv: list[str] | None = None) -> int:
             return 130
         except Exception as exc:  # a bug, not the user's fault: still one line by default
             return _report(exc, verbose=args.verbose, internal=True)
+
+
+def _status_stream(args: argparse.Namespace):
+    """The progress line's stream for train and test when stderr is a terminal, else None."""
+    if args.command not in ("train", "test") or args.no_progress:
+        return None
+    isatty = getattr(sys.stderr, "isatty", None)
+    if not (isatty and isatty()):
+        return None
+    from engine.progress import StatusStream
+
+    return StatusStream(sys.stderr)
 
 
 def _report(exc: BaseException, *, verbose: bool, status: int = 1,

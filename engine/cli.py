@@ -503,8 +503,8 @@ def main(argv: list[str] | None = None) -> int:
         return _report(UsageError("--iterations must be at least 1"), verbose=False, status=2)
     level = logging.WARNING if args.quiet else logging.INFO
     args.status = _status_stream(args)
-    with _LogSetup(level, args.status), python_layers_allowed(getattr(args, "allow_python",
-                                                                              None)):
+    allow_python = getattr(args, "allow_python", None)
+    with _LogSetup(level, args.status), python_layers_allowed(allow_python):
         try:
             try:
                 return args.func(args)

@@ -22,10 +22,11 @@ from solvers.solver import SOLVERS, Solver
 class SGDSolver(SGD):
     """``SGDSolver(filename)``: a solver from a solver prototxt (pycaffe's constructor)."""
 
-    def __init__(self, filename: str | PathLike) -> None:
+    def __init__(self, filename: str | PathLike, allow_python: bool | None = None) -> None:
         path = os.fspath(filename)
         # a missing snapshot folder is made at the first snapshot, as `engine train` does
-        super().__init__(read_solver_param(path), path=path, create_snapshot_folder=True)
+        super().__init__(read_solver_param(path), path=path, create_snapshot_folder=True,
+                         allow_python=allow_python)
 
     @property
     def lr(self) -> float:
@@ -67,21 +68,23 @@ PYCAFFE_SOLVERS: dict[str, type[SGDSolver]] = {
 }
 
 
-def get_solver(filename: str | PathLike) -> Solver:
+def get_solver(filename: str | PathLike, allow_python: bool | None = None) -> Solver:
     """The solver a prototxt's ``type`` names (pycaffe's ``caffe.get_solver``).
 
     Caffe's six rules come back as the pycaffe classes above; a rule registered with
-    ``solvers.register_solver`` is built by ``solvers.get_solver``.
+    ``solvers.register_solver`` is built by ``solvers.get_solver``. ``allow_python`` lets the
+    nets' Python layers run (or call ``engine.allow_python_layers(True)`` once).
     """
     param = read_solver_param(filename)
     solver_class = PYCAFFE_SOLVERS.get(param.type)
     if solver_class is not None:
-        return solver_class(filename)
+        return solver_class(filename, allow_python=allow_python)
     if param.type not in SOLVERS:
         from solvers.solver import get_solver as get_registered
 
         return get_registered(filename)  # raises the error that lists the known types
-    return SOLVERS[param.type](param, path=os.fspath(filename), create_snapshot_folder=True)
+    return SOLVERS[param.type](param, path=os.fspath(filename), create_snapshot_folder=True,
+                               allow_python=allow_python)
 
 
 __all__ = [

@@ -142,3 +142,16 @@ def test_the_class_not_the_file_decides_the_rule(tmp_path):
     sgd.step(1)
     adam.step(1)
     assert not np.array_equal(sgd.net.params["ip"][0].data, adam.net.params["ip"][0].data)
+
+
+def test_python_layers_in_solver_nets_follow_allow_python(tmp_path):
+    path = write_solver(tmp_path)
+    net = (tmp_path / "net.prototxt").read_text()
+    (tmp_path / "net.prototxt").write_text(net.replace(
+        "layer { type: 'SoftmaxWithLoss'",
+        "layer { type: 'Python' name: 'py' bottom: 'ip' top: 'ip2' python_param { "
+        "module: 'no_such_module_for_moka' layer: 'X' } }\nlayer { type: 'SoftmaxWithLoss'"))
+    with pytest.raises(caffe.MokaError, match="allow"):
+        caffe.SGDSolver(path)
+    with pytest.raises(caffe.MokaError, match="no_such_module_for_moka"):
+        caffe.SGDSolver(path, allow_python=True)  # allowed: now the import is what fails

@@ -23,7 +23,7 @@ from engine.python_layer import allow_python_layers, python_layers_allowed
 # pycaffe's modules and NetSpec names (caffe.layers is engine.layers: CamelCase attributes
 # there are NetSpec layer factories, lowercase ones the implementation modules); caffe.io,
 # Classifier, Detector; the solver classes below
-from engine import draw, io, layers, net_spec, proto
+from engine import coord_map, draw, io, layers, net_spec, proto
 from engine.classifier import Classifier
 from engine.detector import Detector
 from engine.device import version as _version
@@ -63,6 +63,7 @@ __all__ = [
     "SGDSolver",
     "__version__",
     "allow_python_layers",
+    "coord_map",
     "draw",
     "get_solver",
     "io",

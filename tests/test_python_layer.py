@@ -300,3 +300,21 @@ def test_test_and_time_take_the_flag(tmp_path, at_root, capsys):
     assert main(test) == 1
     assert main([*test, "-allow-python"]) == 0  # Caffe's single-dash spelling too
     assert "loss = " in capsys.readouterr().err
+
+
+def test_a_pycaffe_script_opts_in_with_one_line(tmp_path, at_root, monkeypatch):
+    import engine as caffe
+
+    monkeypatch.setattr(python_layer, "_allowed", None)  # restored after the test
+    param = read_solver_param(str(EXAMPLE / "solver.prototxt"))
+    param.snapshot_prefix = str(tmp_path / "linreg")
+    write_text(param, tmp_path / "solver.prototxt")
+    with pytest.raises(NetError, match="allow_python_layers"):
+        caffe.SGDSolver(str(tmp_path / "solver.prototxt"))
+    caffe.allow_python_layers(True)  # the one line
+    solver = caffe.SGDSolver(str(tmp_path / "solver.prototxt"))
+    solver.step(1)
+    first = solver.net.blobs["loss"].data.item()
+    solver.step(60)
+    assert solver.net.blobs["loss"].data.item() < 0.05 * first
+    assert type(solver.net.layers[-1]).__name__ == "EuclideanLossLayer"

@@ -72,6 +72,7 @@ class NetReport:
     layers: list[LayerReport]
     losses: list[float] = field(default_factory=list)  # the overfit run, iteration by iteration
     overfit_ratio: float = 0.05  # the final loss must be below this fraction of the first
+    has_loss: bool = True
 
     @property
     def gradients_ok(self) -> bool:
@@ -168,7 +169,8 @@ def check_net(model, weights: str | None = None, phase: int = TRAIN, batch: int 
         net.blobs[name].data[...] = rng.standard_normal(net.blobs[name].shape)
     reports = [LayerReport(layer.name, layer.type) for layer in net.layers]
     inputs = _forward_with_stats(net, reports)
-    if any(any(w for w in ws) for ws in net.loss_weights):
+    has_loss = any(any(w for w in ws) for ws in net.loss_weights)
+    if has_loss:
         _backward_with_stats(net, reports)
     for i, layer in enumerate(net.layers):
         if inputs[i] and layer.type not in NO_GRADIENT and net.layer_need_backward[i]:
@@ -176,8 +178,8 @@ def check_net(model, weights: str | None = None, phase: int = TRAIN, batch: int 
                          reports[i], samples, step, threshold, seed)
     n = next((int(net.blobs[t].shape[0]) for t in net.blobs if net.blobs[t].num_axes), 1)
     shown = [r for r in reports if r.type != "Split"]
-    report = NetReport(net.name, n, shown)
-    if overfit is not None:
+    report = NetReport(net.name, n, shown, has_loss=has_loss)
+    if overfit is not None and has_loss:
         fixed, feed = one_batch_param(param, net)
         report.losses = list(overfit(fixed, feed))
     return report
@@ -318,7 +320,9 @@ def format_report(report: NetReport) -> str:
     checked = sum(1 for r in report.layers if r.checked)
     lines.append(f"gradients: {'FAIL' if failed else 'ok'} ({checked} layers checked in float64 "
                  f"on a batch of {report.batch})")
-    if report.losses:
+    if not report.has_loss:
+        lines.append("overfit one batch: skipped (the net has no loss; check the train net)")
+    elif report.losses:
         first, last = report.losses[0], report.losses[-1]
         verdict = "ok" if report.overfit_ok else "FAIL (the loss did not fall near zero)"
         lines.append(f"overfit one batch: loss {first:.4g} -> {last:.4g} in "

@@ -119,8 +119,9 @@ def parse_input_shapes(specs: Sequence[str]) -> dict[str, tuple[int, ...]]:
 
 
 def _data_shapes(layer, batch: int | None, given: Mapping[str, tuple[int, ...]],
-                 first: bool) -> list[tuple[int, ...]] | None:
-    """The tops' shapes of a file-reading data layer, or None to build the layer as it is."""
+                 first: bool) -> tuple[list[tuple[int, ...]], list[str]] | None:
+    """The tops' shapes of a file-reading data layer and what was assumed for them, or None to
+    build the layer as it is (its source is readable and no shape was given)."""
     tops = list(layer.top)
     named = [given.get(t) for t in tops]
     if first and named[0] is None and "" in given:
@@ -129,19 +130,21 @@ def _data_shapes(layer, batch: int | None, given: Mapping[str, tuple[int, ...]],
         return None
     batch_size = _batch_size(layer)
     n = batch or batch_size
+    assumed: list[str] = []
     if named[0] is not None:
         shapes = [named[0] if batch is None else (batch, *named[0][1:])]
     else:
         shapes = [_image_shape(layer, n)]
+        if layer.type != "ImageData":
+            assumed.append(f"3 channels for '{tops[0]}'")
     for name, shape in zip(tops[1:], named[1:], strict=True):
         if shape is not None:
             shapes.append(shape if batch is None else (batch, *shape[1:]))
-        elif layer.type == "HDF5Data":
-            raise MokaError(f"layer '{layer.name}' (HDF5Data): its source cannot be read, so "
-                            f"give the shape of top '{name}' with --input-shape {name}=N,...")
         else:
             shapes.append((shapes[0][0],))  # the label
-    return shapes
+            if layer.type == "HDF5Data":
+                assumed.append(f"one value per item for '{name}'")
+    return shapes, assumed
 
 
 def _source_readable(layer) -> bool:
@@ -170,10 +173,13 @@ def _image_shape(layer, n: int) -> tuple[int, ...]:
     if crop:
         return (n, channels, int(crop), int(crop))
     top = layer.top[0] if layer.top else "data"
-    raise MokaError(f"layer '{layer.name}' ({layer.type}): its source cannot be read and its "
-                    f"parameters give no image size (no crop_size"
-                    f"{' or new_height/new_width' if layer.type == 'ImageData' else ''}); give "
-                    f"it with --input-shape {top}=N,C,H,W")
+    if layer.type == "HDF5Data":
+        why = "its source cannot be read"
+    else:
+        why = (f"its source cannot be read and its parameters give no image size (no crop_size"
+               f"{' or new_height/new_width' if layer.type == 'ImageData' else ''})")
+    raise MokaError(f"layer '{layer.name}' ({layer.type}): {why}; give the shape with "
+                    f"--input-shape {top}=N,C,H,W")
 
 
 def _as_input(layer, shapes: list[tuple[int, ...]]):
@@ -192,7 +198,8 @@ def prepare_net_param(model, batch: int | None = None,
                       input_shapes: Mapping[str, tuple[int, ...]] | None = None):
     """The net with file-reading data layers made Input layers and the batch size applied.
 
-    Returns the NetParameter and ``{layer name: original type}`` of the layers replaced.
+    Returns the NetParameter and ``{layer name: (original type, what was assumed)}`` of the
+    layers replaced.
     """
     from engine.io import read_net_param
 
@@ -200,7 +207,7 @@ def prepare_net_param(model, batch: int | None = None,
     net = caffe_pb2.NetParameter()
     net.CopyFrom(source)
     given = dict(input_shapes or {})
-    replaced: dict[str, str] = {}
+    replaced: dict[str, tuple[str, list[str]]] = {}
     first = True
     for i, layer in enumerate(net.layer):
         if layer.bottom:
@@ -208,10 +215,10 @@ def prepare_net_param(model, batch: int | None = None,
         if layer.type in FILE_DATA_LAYERS or (layer.type not in ("Input", "MemoryData",
                                                                  "DummyData")
                                               and any(t in given for t in layer.top)):
-            shapes = _data_shapes(layer, batch, given, first)
-            if shapes is not None:
-                replaced[layer.name] = layer.type
-                net.layer[i].CopyFrom(_as_input(layer, shapes))
+            found = _data_shapes(layer, batch, given, first)
+            if found is not None:
+                replaced[layer.name] = (layer.type, found[1])
+                net.layer[i].CopyFrom(_as_input(layer, found[0]))
             elif batch is not None:
                 set_batch_size(net.layer[i], batch)
         elif layer.type == "Input":
@@ -261,11 +268,11 @@ def build_shape_net(model, phase: int = TEST, batch: int | None = None, level: i
     """A Net whose blobs have their shapes and no memory (see :func:`engine.blob.shape_only`)."""
     from engine.net import Net
 
-    param, replaced = prepare_net_param(model, batch, input_shapes)
     quiet = logging.getLogger("engine")  # the build's per-layer lines are not the summary
     level_before = quiet.level
     quiet.setLevel(max(logging.WARNING, level_before))
     try:
+        param, replaced = prepare_net_param(model, batch, input_shapes)
         with shape_only():
             net = Net(param, phase=phase, level=level, stages=stages,
                       rng=np.random.default_rng(0))
@@ -283,7 +290,7 @@ def summarize(model, phase: int = TEST, batch: int | None = None, level: int = 0
     net = build_shape_net(model, phase, batch, level, stages, input_shapes)
     owners = {id(b) for b in net.learnable_params}
     n = _batch_of(net)
-    replaced: dict[str, str] = net.replaced_data_layers
+    replaced: dict[str, tuple[str, list[str]]] = net.replaced_data_layers
     fields: dict[str, tuple[tuple[int, ...], tuple[float, ...]]] = {}
     rows: list[LayerRow] = []
     for i, layer in enumerate(net.layers):
@@ -304,7 +311,7 @@ def summarize(model, phase: int = TEST, batch: int | None = None, level: int = 0
                     if not (j < len(bottoms) and bottoms[j] == name)]
         shared = any(id(b) not in owners for b in layer.blobs)
         rows.append(LayerRow(
-            name=layer.name, type=replaced.get(layer.name, layer.type),
+            name=layer.name, type=replaced.get(layer.name, (layer.type,))[0],
             tops=[(name, tuple(blob.shape)) for name, blob in zip(tops, top_blobs, strict=True)],
             params=sum(b.count for b in layer.blobs if id(b) in owners),
             shared=shared,
@@ -313,8 +320,8 @@ def summarize(model, phase: int = TEST, batch: int | None = None, level: int = 0
             receptive_field=first_rf[0] if first_rf else None,
             stride=first_rf[1] if first_rf else None))
     notes = [f"data layer '{name}' ({kind}) not read: shapes from its parameters or "
-             "--input-shape" + (" (3 channels assumed)" if kind == "Data" else "")
-             for name, kind in replaced.items() if name in net.layer_dict]
+             "--input-shape" + (f" (assumed: {', '.join(assumed)})" if assumed else "")
+             for name, (kind, assumed) in replaced.items() if name in net.layer_dict]
     return Summary(net.name, n, rows, notes)
 
 

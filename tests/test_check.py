@@ -109,3 +109,13 @@ def test_statistics_show_the_collapse_of_a_small_gaussian_init(tmp_path):
     xavier = np.array(stds["xavier"])
     assert np.all(xavier[1:] > 0.75 * xavier[:-1])  # roughly steady
     assert xavier[-1] > 0.2 and xavier[-1] > 1e4 * small[-1]
+
+
+def test_a_net_without_loss_skips_the_overfit_run(tmp_path, capsys):
+    path = tmp_path / "deploy.prototxt"
+    path.write_text(BROKEN.replace("CheckTestWrongBackward", "ReLU")
+                    .split('layer { name: "loss"')[0])
+    assert main(["check", str(path), "--overfit-iterations", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "overfit one batch: skipped (the net has no loss" in out
+    assert "gradients: ok" in out

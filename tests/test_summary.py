@@ -47,7 +47,8 @@ def test_train_val_data_layer_needs_no_database(tmp_path, monkeypatch):
     assert s.rows[0].type == "Data"
     assert s.rows[0].tops == [("data", (256, 3, 227, 227)), ("label", (256,))]
     assert s.params == 60_965_224
-    assert any("3 channels assumed" in note for note in s.notes)
+    assert s.notes == ["data layer 'data' (Data) not read: shapes from its parameters or "
+                       "--input-shape (assumed: 3 channels for 'data')"]
     assert summarize(CAFFENET_TRAIN, phase=TRAIN, batch=4).rows[0].tops[0][1][0] == 4
 
 
@@ -151,6 +152,7 @@ layer { name: "ip" type: "InnerProduct" bottom: "data" top: "y"
     s = summarize("n.prototxt", input_shapes=parse_input_shapes(["data=16,1,28,28"]))
     assert s.rows[0].tops == [("data", (16, 1, 28, 28)), ("label", (16,))]
     assert s.params == 28 * 28 * 2 + 2
+    assert "assumed" not in s.notes[0]  # the shape was given
     with pytest.raises(MokaError, match="input-shape"):
         parse_input_shapes(["data=1,a"])
 

@@ -41,7 +41,8 @@ from engine.layer import Layer, register_layer
 
 ENV_SWITCH = "MOKA_ALLOW_PYTHON"
 HOW_TO_ALLOW = ("pass --allow-python to engine train/test/time, build the net with "
-                "engine.Net(..., allow_python=True), or call engine.allow_python_layers(True)")
+                "engine.Net(..., allow_python=True), call engine.allow_python_layers(True), "
+                f"or set {ENV_SWITCH}=1")
 
 _allowed: bool | None = None  # the process-wide switch; None: ask the environment
 _context: contextvars.ContextVar[tuple[bool | None, tuple[str, ...]]] = contextvars.ContextVar(

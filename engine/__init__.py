@@ -28,6 +28,18 @@ from engine.classifier import Classifier
 from engine.detector import Detector
 from engine.device import version as _version
 from engine.net_spec import NetSpec, params, to_proto
+from engine.runtime import (
+    NCCL,
+    Timer,
+    has_nccl,
+    init_log,
+    log,
+    set_multiprocess,
+    set_solver_count,
+    set_solver_rank,
+    solver_count,
+    solver_rank,
+)
 
 __version__ = _version()
 
@@ -46,6 +58,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "LAYERS",
+    "NCCL",
     "TEST",
     "TRAIN",
     "AdaDeltaSolver",
@@ -61,14 +74,18 @@ __all__ = [
     "NetSpec",
     "RMSPropSolver",
     "SGDSolver",
+    "Timer",
     "__version__",
     "allow_python_layers",
     "coord_map",
     "draw",
     "get_solver",
+    "has_nccl",
+    "init_log",
     "io",
     "layer_type_list",
     "layers",
+    "log",
     "net_spec",
     "params",
     "proto",
@@ -77,6 +94,11 @@ __all__ = [
     "set_device",
     "set_mode_cpu",
     "set_mode_gpu",
+    "set_multiprocess",
     "set_random_seed",
+    "set_solver_count",
+    "set_solver_rank",
+    "solver_count",
+    "solver_rank",
     "to_proto",
 ]

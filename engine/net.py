@@ -304,12 +304,16 @@ class Net:
         end = len(self.layers) - 1 if end is None else end
         loss = 0.0
         for i in range(start, end + 1):
+            for run in self._before_forward:
+                run(i)
             layer, bottom, top = self.layers[i], self.bottom_vecs[i], self.top_vecs[i]
             layer.reshape(bottom, top)
             self._in_place.copy_values(i)
             layer.forward(bottom, top)
             if self.debug_info:
                 debug_info.forward(self, i)
+            for run in self._after_forward:
+                run(i)
             for w, blob in zip(self.loss_weights[i], top, strict=True):
                 if w:
                     loss += w * float(np.sum(blob.data, dtype=np.float64))
@@ -319,12 +323,16 @@ class Net:
         """Backward through layers ``start`` down to ``end`` (Caffe's BackwardFromTo)."""
         start = len(self.layers) - 1 if start is None else start
         for i in range(start, end - 1, -1):
+            for run in self._before_backward:
+                run(i)
             if self.layer_need_backward[i]:
                 top, bottom = self._in_place.backward_vecs(i, self.top_vecs[i],
                                                            self.bottom_vecs[i])
                 self.layers[i].backward(top, self.bottom_need_backward[i], bottom)
                 if self.debug_info:
                     debug_info.backward(self, i)
+            for run in self._after_backward:
+                run(i)
 
     def _seed_loss_diffs(self) -> None:
         for weights, top in zip(self.loss_weights, self.top_vecs, strict=True):
@@ -506,6 +514,28 @@ class Net:
         self.copy_from(path)  # copy_from recognises the HDF5 signature
 
     # -- pycaffe's lower-level names -----------------------------------------------------------
+    # per-layer callbacks, each called with the layer index (pycaffe's Net.before_forward etc.)
+    _before_forward: tuple = ()
+    _after_forward: tuple = ()
+    _before_backward: tuple = ()
+    _after_backward: tuple = ()
+
+    def before_forward(self, run) -> None:
+        self._before_forward = (*self._before_forward, run)
+
+    def after_forward(self, run) -> None:
+        self._after_forward = (*self._after_forward, run)
+
+    def before_backward(self, run) -> None:
+        self._before_backward = (*self._before_backward, run)
+
+    def after_backward(self, run) -> None:
+        """Called after each layer's backward (also for layers that need none, as Caffe)."""
+        from engine.runtime import NCCL
+
+        if not isinstance(run, NCCL):  # a CPU build's NCCL hook does nothing
+            self._after_backward = (*self._after_backward, run)
+
     @property
     def _blob_names(self) -> list[str]:
         return list(self.blobs)

@@ -33,6 +33,14 @@ class SGDSolver(SGD):
         """The learning rate the next update uses (pycaffe's ``SGDSolver.lr``)."""
         return learning_rate(self.param, self.iter, self.current_step)[0]
 
+    def add_callback(self, on_start=None, on_gradients_ready=None) -> None:
+        """pycaffe's callbacks; ``add_callback(nccl)`` is accepted and inert, as in a CPU build."""
+        from engine.runtime import NCCL
+
+        if isinstance(on_start, NCCL):
+            return
+        super().add_callback(on_start, on_gradients_ready)
+
     def share_weights(self, net) -> None:
         """Make ``net`` use this solver's training weights (pycaffe's ``share_weights``)."""
         net.share_with(self.net)

@@ -218,3 +218,31 @@ def test_module_switches(caplog, net_file):
     np.testing.assert_array_equal(caffe.Net(net_file, caffe.TRAIN).params["conv"][0].data, first)
     assert (caffe.TRAIN, caffe.TEST) == (0, 1)
     assert issubclass(caffe.Layer, object)
+
+
+def test_per_layer_callbacks_as_train_py_uses_them(net):
+    events = []
+    net.before_forward(lambda i: events.append(("f+", i)))
+    net.after_forward(lambda i: events.append(("f-", i)))
+    net.before_backward(lambda i: events.append(("b+", i)))
+    net.after_backward(lambda i: events.append(("b-", i)))
+    net.forward()
+    net.backward()
+    forward = [e for i in range(4) for e in (("f+", i), ("f-", i))]
+    backward = [e for i in reversed(range(4)) for e in (("b+", i), ("b-", i))]
+    assert events == forward + backward
+
+
+def test_timer_and_cpu_build_multi_gpu_names(tmp_path):
+    timer = caffe.Timer()
+    assert timer.ms == 0.0  # never run
+    timer.start()
+    sum(range(10000))
+    timer.stop()
+    assert timer.ms > 0
+    assert caffe.has_nccl() is False
+    caffe.set_solver_count(1)
+    caffe.set_solver_rank(0)
+    caffe.set_multiprocess(False)
+    assert (caffe.solver_count(), caffe.solver_rank()) == (1, 0)
+    caffe.log("a line from pycaffe code")

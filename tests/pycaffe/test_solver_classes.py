@@ -155,3 +155,12 @@ def test_python_layers_in_solver_nets_follow_allow_python(tmp_path):
         caffe.SGDSolver(path)
     with pytest.raises(caffe.MokaError, match="no_such_module_for_moka"):
         caffe.SGDSolver(path, allow_python=True)  # allowed: now the import is what fails
+
+
+def test_nccl_callback_is_inert_as_in_a_cpu_build(tmp_path):
+    solver = caffe.SGDSolver(write_solver(tmp_path))
+    nccl = caffe.NCCL(solver, b"uid")
+    solver.add_callback(nccl)
+    solver.net.after_backward(nccl)
+    solver.step(1)
+    assert solver.iter == 1

@@ -21,6 +21,8 @@ from engine.fillers import fill
 TRAIN, TEST = 0, 1  # caffe.Phase
 
 LAYERS: dict[str, type[Layer]] = {}
+# Types Moka knows by name but does not run (a fork's training-only layers): type -> why.
+UNSUPPORTED: dict[str, str] = {}
 
 
 def register_layer(cls: type[Layer]) -> type[Layer]:
@@ -39,8 +41,10 @@ def layer_class(type_name: str, layer_name: str = "") -> type[Layer]:
 
     if type_name in LAYERS:
         return LAYERS[type_name]
-    close = difflib.get_close_matches(type_name, LAYERS, n=3, cutoff=0.5)
     where = f"layer '{layer_name}': " if layer_name else ""
+    if type_name in UNSUPPORTED:
+        raise NetError(f"{where}type {type_name!r} is not supported: {UNSUPPORTED[type_name]}")
+    close = difflib.get_close_matches(type_name, LAYERS, n=3, cutoff=0.5)
     hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
     raise NetError(
         f"{where}unknown layer type {type_name!r}{hint} "

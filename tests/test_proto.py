@@ -192,6 +192,19 @@ SEGMENTATION_FORK_PARAMS = {
     "interp_param": 1143,  # DeepLab v2 / PSPNet 143 (BVLC input_param)
 }
 
+# The detection and mobile forks' per-type fields, with the forks' numbers.
+FORK_LAYER_PARAMS = {
+    "shuffle_channel_param": 164,  # ShuffleNet ports (farmingyard/ShuffleNet)
+    "annotated_data_param": 200,  # SSD (weiliu89/caffe, branch ssd), 200-207
+    "multibox_loss_param": 201,
+    "permute_param": 202,
+    "prior_box_param": 203,
+    "detection_output_param": 204,
+    "detection_evaluate_param": 205,
+    "norm_param": 206,
+    "video_data_param": 207,
+}
+
 # Every per-type field of the legacy V1LayerParameter, with its V1 numbers.
 V1_PARAMS = {
     "concat_param": 9,
@@ -230,7 +243,7 @@ V1_PARAMS = {
 def test_layer_parameter_type_fields_complete():
     fields = caffe_pb2.LayerParameter.DESCRIPTOR.fields_by_name
     got = {n: f.number for n, f in fields.items() if n.endswith("_param")}
-    assert got == LAYER_PARAMS | SEGMENTATION_FORK_PARAMS
+    assert got == LAYER_PARAMS | SEGMENTATION_FORK_PARAMS | FORK_LAYER_PARAMS
 
 
 def test_v1_layer_parameter_type_fields_complete():

@@ -23,6 +23,7 @@ Also here: the few descriptor queries whose spelling changed across those versio
 
 from __future__ import annotations
 
+import struct
 from typing import Any
 
 from google.protobuf import descriptor_pool, message_factory
@@ -106,6 +107,8 @@ def load_schema(serialized: bytes, namespace: dict[str, Any], module_name: str) 
     if file is None:  # very old runtimes return nothing
         file = pool.FindFileByName(_file_name(serialized))
     namespace["DESCRIPTOR"] = file
+    for message in file.message_types_by_name.values():
+        _round_float_defaults(message)
     for name, enum in file.enum_types_by_name.items():
         namespace[name] = EnumWrapper(enum)
         for value in enum.values:
@@ -115,6 +118,30 @@ def load_schema(serialized: bytes, namespace: dict[str, Any], module_name: str) 
         _name_classes(cls, module_name, name)
         namespace[name] = cls
     return file
+
+
+def _float32(value: float) -> float:
+    return struct.unpack("<f", struct.pack("<f", value))[0]
+
+
+def _round_float_defaults(message: Any) -> None:
+    """Give ``float`` fields their float32 default, as upb and C++ runtimes (and Caffe) do.
+
+    The pure-Python runtime (protobuf < 4.21, or PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION=python)
+    hands out the double written in the .proto (``eps`` 1e-05 instead of 9.99999974738e-06),
+    though values it parses or is given are rounded; its descriptors can be corrected before
+    the classes are built. Other runtimes' descriptors are read-only and already right.
+    """
+    for field in message.fields:
+        if field.type == FieldDescriptor.TYPE_FLOAT and field.has_default_value:
+            rounded = _float32(field.default_value)
+            if rounded != field.default_value:
+                try:
+                    field.default_value = rounded
+                except (AttributeError, TypeError):
+                    return  # immutable descriptors: a runtime that rounds already
+    for nested in message.nested_types:
+        _round_float_defaults(nested)
 
 
 def _file_name(serialized: bytes) -> str:

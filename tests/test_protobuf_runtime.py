@@ -42,6 +42,15 @@ def test_module_layout_matches_protoc_gencode():
     assert isinstance(caffe_pb2.Phase, EnumWrapper)
 
 
+def test_float_defaults_are_float32_on_every_runtime():
+    """Caffe reads float fields as float32; the pure-Python runtime needs its defaults rounded."""
+    assert caffe_pb2.BatchNormParameter().eps == float(np.float32(1e-5)) != 1e-5
+    assert caffe_pb2.SolverParameter().delta == float(np.float32(1e-8))
+    assert caffe_pb2.SolverParameter().momentum2 == float(np.float32(0.999))
+    assert caffe_pb2.LRNParameter().beta == 0.75  # exact in float32 anyway
+    assert caffe_pb2.BatchNormParameter(eps=0.1).eps == float(np.float32(0.1))
+
+
 def test_messages_pickle_by_module_path():
     net = caffe_pb2.NetParameter(name="n")
     net.layer.add(name="pool", type="Pooling").pooling_param.pool = caffe_pb2.PoolingParameter.AVE

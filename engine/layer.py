@@ -14,7 +14,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from engine.blob import Blob, blob_proto_array, blob_proto_shape, legacy_shape_matches
+from engine.blob import (
+    Blob,
+    blob_proto_array,
+    blob_proto_shape,
+    legacy_shape_matches,
+    shape_only_active,
+)
 from engine.errors import LayerError, NetError
 from engine.fillers import fill
 
@@ -139,7 +145,7 @@ class Layer:
         self.blobs = []
         for shape, filler in specs:
             blob = Blob(shape, self.dtype)
-            if filler is not None:
+            if filler is not None and not shape_only_active():  # engine summary: no values
                 blob.data[...] = fill(blob.shape, filler, self.rng)
             self.blobs.append(blob)
 

@@ -332,6 +332,10 @@ def _batch_of(net) -> int:
     return 1
 
 
+# Convolution's arithmetic: the MobileNet ports' depthwise types too (engine/layers/depthwise.py)
+CONV_LIKE = ("Convolution", "Deconvolution", "DepthwiseConvolution", "ConvolutionDepthwise")
+
+
 def _macs(layer, bottom, top, n: int) -> int:
     """Multiply-adds per image of a Convolution, Deconvolution or InnerProduct layer."""
     if not layer.blobs or not top:
@@ -341,7 +345,7 @@ def _macs(layer, bottom, top, n: int) -> int:
         outputs = int(layer.param.inner_product_param.num_output) or 1
         return weights * (top[0].count // outputs) // n
     geom = getattr(layer, "geom", None)
-    if layer.type in ("Convolution", "Deconvolution") and geom is not None:
+    if layer.type in CONV_LIKE and geom is not None:
         spatial = len(geom.kernel)
         positions = 0
         for b, t in zip(bottom, top, strict=True):
@@ -367,12 +371,12 @@ def _receptive_field(layer, bottom, top, fields: list[Field | None]) -> Field | 
     if not known or not top or top[0].num_axes < 3:
         return None
     (rf, jump), source = max(known, key=lambda fb: fb[0][0])
-    if layer.type in ("Convolution", "Deconvolution") and hasattr(layer, "geom"):
+    if layer.type in CONV_LIKE and hasattr(layer, "geom"):
         g = layer.geom
         ext = [d * (k - 1) + 1 for k, d in zip(g.kernel, g.dilation, strict=True)]
         if len(ext) != len(rf):
             return None
-        if layer.type == "Convolution":
+        if layer.type != "Deconvolution":
             rf = tuple(r + (e - 1) * j for r, e, j in zip(rf, ext, jump, strict=True))
             jump = tuple(j * s for j, s in zip(jump, g.stride, strict=True))
         else:

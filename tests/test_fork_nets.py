@@ -277,3 +277,14 @@ def test_ssd_head_matches_opencv(cv2, tmp_path, code, share, shared_scale):
     np.testing.assert_array_equal(order, np.arange(len(detections)))
     reference = reference[np.lexsort((-reference[:, 2], reference[:, 1], reference[:, 0]))]
     np.testing.assert_allclose(reference, detections, rtol=1e-4, atol=1e-4)
+
+
+def test_summary_counts_depthwise_layers_as_convolutions(tmp_path):
+    from engine.summary import summarize
+
+    prototxt = tmp_path / "mobilenet.prototxt"
+    prototxt.write_text(mobilenet_v1(batch=1))
+    s = summarize(str(prototxt))
+    first, second = s.row("conv2_dw"), s.row("conv3_dw")  # 8, 16 channels on 32x32, 16x16
+    assert (first.macs, second.macs) == (8 * 9 * 32 * 32, 16 * 9 * 16 * 16)
+    assert (first.receptive_field, second.receptive_field) == ((7, 7), (11, 11))

@@ -36,6 +36,9 @@ from engine import caffe_pb2
 from engine.blob import shape_only
 from engine.errors import MokaError, NetError
 from engine.layer import TEST
+from engine.layers.convolution import Convolution
+from engine.layers.deconvolution import Deconvolution
+from engine.layers.pooling import Pooling
 
 FLOAT_BYTES = 4
 # Data layers whose setup reads files: replaced by Input layers for the summary.
@@ -332,10 +335,6 @@ def _batch_of(net) -> int:
     return 1
 
 
-# Convolution's arithmetic: the MobileNet ports' depthwise types too (engine/layers/depthwise.py)
-CONV_LIKE = ("Convolution", "Deconvolution", "DepthwiseConvolution", "ConvolutionDepthwise")
-
-
 def _macs(layer, bottom, top, n: int) -> int:
     """Multiply-adds per image of a Convolution, Deconvolution or InnerProduct layer."""
     if not layer.blobs or not top:
@@ -345,11 +344,11 @@ def _macs(layer, bottom, top, n: int) -> int:
         outputs = int(layer.param.inner_product_param.num_output) or 1
         return weights * (top[0].count // outputs) // n
     geom = getattr(layer, "geom", None)
-    if layer.type in CONV_LIKE and geom is not None:
+    if isinstance(layer, Convolution) and geom is not None:  # depthwise forks' too
         spatial = len(geom.kernel)
         positions = 0
         for b, t in zip(bottom, top, strict=True):
-            where = b if layer.type == "Deconvolution" else t
+            where = b if isinstance(layer, Deconvolution) else t
             outer = int(np.prod(where.shape[:where.num_axes - spatial - 1], dtype=np.int64))
             positions += outer * int(np.prod(where.shape[where.num_axes - spatial:],
                                              dtype=np.int64))
@@ -371,12 +370,12 @@ def _receptive_field(layer, bottom, top, fields: list[Field | None]) -> Field | 
     if not known or not top or top[0].num_axes < 3:
         return None
     (rf, jump), source = max(known, key=lambda fb: fb[0][0])
-    if layer.type in CONV_LIKE and hasattr(layer, "geom"):
+    if isinstance(layer, Convolution) and hasattr(layer, "geom"):
         g = layer.geom
         ext = [d * (k - 1) + 1 for k, d in zip(g.kernel, g.dilation, strict=True)]
         if len(ext) != len(rf):
             return None
-        if layer.type != "Deconvolution":
+        if not isinstance(layer, Deconvolution):
             rf = tuple(r + (e - 1) * j for r, e, j in zip(rf, ext, jump, strict=True))
             jump = tuple(j * s for j, s in zip(jump, g.stride, strict=True))
         else:
@@ -384,7 +383,7 @@ def _receptive_field(layer, bottom, top, fields: list[Field | None]) -> Field | 
                        for r, e, s, j in zip(rf, ext, g.stride, jump, strict=True))
             jump = tuple(j / s for j, s in zip(jump, g.stride, strict=True))
         return rf, jump
-    if layer.type == "Pooling" and len(rf) == 2:
+    if isinstance(layer, Pooling) and len(rf) == 2:
         if getattr(layer, "global_pooling", False) or getattr(layer, "kernel", None) is None:
             kernel, stride = tuple(source.shape[2:]), (1, 1)
         else:

@@ -65,6 +65,8 @@ layer { name: "dil" type: "Convolution" bottom: "p" top: "d"
 layer { name: "up" type: "Deconvolution" bottom: "p" top: "u"
   convolution_param { num_output: 3 kernel_size: 4 stride: 2 } }
 layer { name: "fc" type: "InnerProduct" bottom: "p" top: "f" inner_product_param { num_output: 7 } }
+layer { name: "dw" type: "ConvolutionDepthwise" bottom: "c" top: "w"
+  convolution_param { num_output: 6 kernel_size: 3 stride: 2 bias_term: false } }
 """
 
 
@@ -93,9 +95,14 @@ def test_small_net_by_hand(tmp_path):
     assert up.macs == (6 * 3 * 16) * (5 * 5)
     fc = s.row("fc")
     assert fc.macs == (6 * 5 * 5) * 7
-    assert s.macs == conv.macs + dil.macs + up.macs + fc.macs
+    # depthwise (a MobileNet fork's layer): one 3x3 filter per channel, 10 -> 4 at stride 2
+    dw = s.row("dw")
+    assert dw.tops == [("w", (2, 6, 4, 4))]
+    assert dw.macs == (6 * 9) * (4 * 4)
+    assert dw.receptive_field == (5, 5) and dw.stride == (2, 2)
+    assert s.macs == conv.macs + dil.macs + up.macs + fc.macs + dw.macs
     assert s.flops == 2 * s.macs
-    assert s.params == conv.params + dil.params + up.params + fc.params
+    assert s.params == conv.params + dil.params + up.params + fc.params + dw.params
     assert s.model_mb == pytest.approx(s.params * 4 / 2**20)
     # receptive fields: conv 3 (stride 1), pool 3 + 2 = 5 (stride 2), dilated 5 + 4 * 2 = 13
     assert conv.receptive_field == (3, 3) and conv.stride == (1, 1)

@@ -56,6 +56,10 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'engine' has no attribute {name!r}")
 
 
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_PYCAFFE_SOLVERS})
+
+
 __all__ = [
     "LAYERS",
     "NCCL",

@@ -224,3 +224,19 @@ def test_engine_detect_reports_a_missing_model(tmp_path):
                    "--model_def", str(tmp_path / "missing.prototxt")])
     assert rc == 1
     assert "--model_def" in err.getvalue()
+
+
+def test_engine_detect_writes_hdf5_without_pandas(tiny_rgb, photo, tmp_path):
+    import h5py
+
+    model, weights = tiny_rgb
+    windows = tmp_path / "windows.csv"
+    windows.write_text(f"filename,ymin,xmin,ymax,xmax\n{photo},2,3,10,12\n")
+    out = tmp_path / "detections.h5"
+    run("detect", str(windows), str(out), "--model_def", model, "--pretrained_model", weights,
+        "--mean_file", "", "--crop_mode", "list", "--context_pad", "0")
+    with h5py.File(out, "r") as f:
+        assert f["filename"][0].decode() == photo
+        np.testing.assert_array_equal(f["window"][()], [[2, 3, 10, 12]])
+        assert f["prediction"].shape == (1, 4)
+        np.testing.assert_allclose(f["prediction"][0].sum(), 1, rtol=1e-5)

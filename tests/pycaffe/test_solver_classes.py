@@ -164,3 +164,7 @@ def test_nccl_callback_is_inert_as_in_a_cpu_build(tmp_path):
     solver.net.after_backward(nccl)
     solver.step(1)
     assert solver.iter == 1
+
+
+def test_solver_names_are_listed_on_engine():
+    assert {"SGDSolver", "AdamSolver", "get_solver", "Classifier", "io"} <= set(dir(caffe))

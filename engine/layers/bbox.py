@@ -43,13 +43,15 @@ def box_area(boxes: np.ndarray) -> np.ndarray:
     return np.where((w < 0) | (h < 0), 0, w * h)
 
 
-def jaccard(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    """Intersection over union of one ``box`` (4,) with each of ``boxes`` (K, 4)."""
-    w = np.minimum(box[2], boxes[:, 2]) - np.maximum(box[0], boxes[:, 0])
-    h = np.minimum(box[3], boxes[:, 3]) - np.maximum(box[1], boxes[:, 1])
-    overlap = (w > 0) & (h > 0)
-    inter = np.where(overlap, w * h, 0)
-    union = box_area(box) + box_area(boxes) - inter
+def jaccard(boxes: np.ndarray) -> np.ndarray:
+    """(K, K) intersection over union of every pair of ``boxes`` (K, 4), 0 for pairs that do
+    not overlap (the fork's ``JaccardOverlap``, all pairs at once)."""
+    wh = (np.minimum(boxes[:, None, 2:], boxes[None, :, 2:])
+          - np.maximum(boxes[:, None, :2], boxes[None, :, :2]))
+    overlap = (wh[..., 0] > 0) & (wh[..., 1] > 0)
+    inter = np.where(overlap, wh[..., 0] * wh[..., 1], 0)
+    area = box_area(boxes)
+    union = area[:, None] + area[None, :] - inter
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(overlap, inter / np.where(overlap, union, 1), 0)
 
@@ -67,12 +69,19 @@ def nms(boxes: np.ndarray, scores: np.ndarray, score_threshold: float, nms_thres
     candidates = candidates[np.argsort(-scores[candidates], kind="stable")]
     if top_k > -1:
         candidates = candidates[:top_k]
-    kept: list[int] = []
+    iou = jaccard(boxes[candidates])
+    keep = np.zeros(len(candidates), dtype=bool)
     threshold = nms_threshold
-    for idx in candidates:  # greedy and order-dependent: one step per candidate
-        if kept and np.any(jaccard(boxes[idx], boxes[kept]) > threshold):
-            continue
-        kept.append(int(idx))
-        if eta < 1 and threshold > 0.5:
-            threshold *= eta
-    return np.array(kept, dtype=np.int64)
+    if eta >= 1 or threshold <= 0.5:  # a fixed threshold: each kept box removes its overlaps
+        suppressed = np.zeros(len(candidates), dtype=bool)
+        for i in range(len(candidates)):  # greedy, in score order
+            if not suppressed[i]:
+                keep[i] = True
+                suppressed |= iou[i] > threshold
+        return candidates[keep]
+    for i in range(len(candidates)):  # adaptive: the threshold changes as boxes are kept
+        if not np.any(iou[i, keep] > threshold):
+            keep[i] = True
+            if threshold > 0.5:
+                threshold *= eta
+    return candidates[keep]

@@ -1,6 +1,7 @@
 """``engine check``: a whole-net sanity check before training.
 
-Three checks, on one small batch of the net's own data (Input tops get standard normal values):
+Three checks, on one small batch of the net's own data (Input tops, and data layers whose source
+cannot be read, get standard normal values and zero labels):
 
 1. **Gradients, in place.** The net runs forward once in float64; then every layer that has a
    backward is checked on the very bottoms it saw in the net: with the objective
@@ -22,7 +23,7 @@ Three checks, on one small batch of the net's own data (Input tops get standard 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -73,6 +74,7 @@ class NetReport:
     losses: list[float] = field(default_factory=list)  # the overfit run, iteration by iteration
     overfit_ratio: float = 0.05  # the final loss must be below this fraction of the first
     has_loss: bool = True
+    notes: list[str] = field(default_factory=list)
 
     @property
     def gradients_ok(self) -> bool:
@@ -99,23 +101,18 @@ class NetReport:
 
 
 # -- building the net on one batch ---------------------------------------------------------------
-def prepare_param(model, batch: int | None = None):
-    """The net definition with ``force_backward`` on and the data layers' batch set."""
-    from engine.io import read_net_param
-    from engine.summary import resize_input, set_batch_size
+def prepare_param(model, batch: int | None = None,
+                  input_shapes: Mapping[str, tuple[int, ...]] | None = None):
+    """The net definition with ``force_backward`` on and the data layers' batch set.
 
-    param = caffe_pb2.NetParameter()
-    param.CopyFrom(read_net_param(model))
+    A data layer whose source cannot be read becomes an Input layer (shapes as ``engine
+    summary`` works them out); returns the definition and ``{layer name: original type}``.
+    """
+    from engine.summary import prepare_net_param
+
+    param, replaced = prepare_net_param(model, batch, input_shapes)
     param.force_backward = True
-    if batch is not None:
-        for layer in param.layer:
-            if layer.bottom:
-                continue
-            if layer.type == "Input":
-                resize_input(layer, batch)
-            else:
-                set_batch_size(layer, batch)
-    return param
+    return param, {name: kind for name, (kind, _) in replaced.items()}
 
 
 def one_batch_param(param, net) -> tuple[caffe_pb2.NetParameter, dict[str, np.ndarray]]:
@@ -145,7 +142,8 @@ def one_batch_param(param, net) -> tuple[caffe_pb2.NetParameter, dict[str, np.nd
 
 # -- the check -----------------------------------------------------------------------------------
 def check_net(model, weights: str | None = None, phase: int = TRAIN, batch: int | None = 8,
-              level: int = 0, stages: Sequence[str] = (), samples: int = 20,
+              level: int = 0, stages: Sequence[str] = (),
+              input_shapes: Mapping[str, tuple[int, ...]] | None = None, samples: int = 20,
               step: float = 1e-3, threshold: float = 1e-3, seed: int = 1701,
               overfit: Callable[[caffe_pb2.NetParameter, dict[str, np.ndarray]],
                                 list[float]] | None = None) -> NetReport:
@@ -153,11 +151,11 @@ def check_net(model, weights: str | None = None, phase: int = TRAIN, batch: int 
     returns the loss at each iteration."""
     from engine.net import Net
 
-    param = prepare_param(model, batch)
     quiet = logging.getLogger("engine")
     level_before = quiet.level
     quiet.setLevel(max(logging.WARNING, level_before))
     try:
+        param, replaced = prepare_param(model, batch, input_shapes)
         net = Net(param, phase=phase, level=level, stages=stages, dtype=np.float64,
                   rng=np.random.default_rng(seed))
     finally:
@@ -165,9 +163,12 @@ def check_net(model, weights: str | None = None, phase: int = TRAIN, batch: int 
     if weights:
         net.copy_from(weights)
     rng = np.random.default_rng(seed)
-    for name in net.inputs:
-        net.blobs[name].data[...] = rng.standard_normal(net.blobs[name].shape)
-    reports = [LayerReport(layer.name, layer.type) for layer in net.layers]
+    labels = {t for layer in param.layer if layer.name in replaced for t in layer.top[1:]}
+    for name in net.inputs:  # Input tops, and the tops of data layers that were not read
+        blob = net.blobs[name]
+        blob.data[...] = 0 if name in labels else rng.standard_normal(blob.shape)
+    reports = [LayerReport(layer.name, replaced.get(layer.name, layer.type))
+               for layer in net.layers]
     inputs = _forward_with_stats(net, reports)
     has_loss = any(any(w for w in ws) for ws in net.loss_weights)
     if has_loss:
@@ -179,6 +180,8 @@ def check_net(model, weights: str | None = None, phase: int = TRAIN, batch: int 
     n = next((int(net.blobs[t].shape[0]) for t in net.blobs if net.blobs[t].num_axes), 1)
     shown = [r for r in reports if r.type != "Split"]
     report = NetReport(net.name, n, shown, has_loss=has_loss)
+    report.notes = [f"data layer '{name}' ({kind}) not read: standard normal data and zero "
+                    "labels instead" for name, kind in replaced.items() if name in net.layer_dict]
     if overfit is not None and has_loss:
         fixed, feed = one_batch_param(param, net)
         report.losses = list(overfit(fixed, feed))
@@ -327,6 +330,7 @@ def format_report(report: NetReport) -> str:
         verdict = "ok" if report.overfit_ok else "FAIL (the loss did not fall near zero)"
         lines.append(f"overfit one batch: loss {first:.4g} -> {last:.4g} in "
                      f"{len(report.losses)} iterations: {verdict}")
+    lines += report.notes
     lines.append(f"verdict: {'ok' if report.ok else 'FAIL'}")
     return "\n".join(lines)
 
@@ -379,8 +383,11 @@ def run(args) -> int:
     stages = [s for value in args.stage or () for s in value.split(",") if s]
     overfit = None if args.overfit_iterations == 0 else \
         solver_overfit(args.overfit_iterations, args.lr)
+    from engine.summary import parse_input_shapes
+
     report = check_net(model, args.weights, TRAIN if args.phase == "TRAIN" else 1, args.batch,
-                       args.level, stages, samples=args.samples, overfit=overfit)
+                       args.level, stages, parse_input_shapes(args.input_shape or ()),
+                       samples=args.samples, overfit=overfit)
     print(report)
     return 0 if report.ok else 1
 
@@ -394,6 +401,8 @@ def add_commands(subparsers, add_command, net_state_flags) -> None:
     p.add_argument("--phase", choices=("TRAIN", "TEST"), default="TRAIN",
                    help="the phase to build the net in (default TRAIN)")
     p.add_argument("--batch", type=int, default=8, help="the batch size to check on (default 8)")
+    p.add_argument("--input-shape", action="append", metavar="[TOP=]N,C,H,W",
+                   help="the shape of a data top whose source cannot be read (repeatable)")
     p.add_argument("--samples", type=int, default=20,
                    help="gradient elements compared per blob (default 20)")
     p.add_argument("--overfit-iterations", type=int, default=300,

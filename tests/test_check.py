@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -119,3 +120,22 @@ def test_a_net_without_loss_skips_the_overfit_run(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "overfit one batch: skipped (the net has no loss" in out
     assert "gradients: ok" in out
+
+
+def test_unreadable_data_becomes_random_data_and_zero_labels(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "net.prototxt").write_text("""
+layer { name: "d" type: "Data" top: "data" top: "label"
+  data_param { source: "no_such_lmdb" batch_size: 64 backend: LMDB } }
+layer { name: "ip" type: "InnerProduct" bottom: "data" top: "y"
+  inner_product_param { num_output: 3 weight_filler { type: "xavier" } } }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "y" bottom: "label" top: "loss" }
+""")
+    assert main(["check", "net.prototxt", "--input-shape", "data=64,2,3,3", "--batch", "4",
+                 "--overfit-iterations", "50", "--lr", "0.05"]) == 0
+    out = capsys.readouterr().out
+    assert "data layer 'd' (Data) not read: standard normal data and zero labels" in out
+    assert re.search(r"^d\s+Data\s", out, re.MULTILINE)
+    assert "verdict: ok" in out
+    assert main(["check", "net.prototxt"]) == 1  # no size for the data: says how to give it
+    assert "--input-shape data=N,C,H,W" in capsys.readouterr().err

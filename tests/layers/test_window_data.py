@@ -5,13 +5,18 @@ mirroring and both kinds of mean; errors name the file and what to fix."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import cv2
 import numpy as np
 import pytest
 from layer_helpers import make_layer
 
+import engine
 from engine.data.db import write_mean
 from engine.errors import DataError, LayerError
+from engine.io import read_net_param
+from engine.net import Net
 
 IMAGES = [(24, 32), (30, 20), (16, 16)]  # (height, width)
 # (image, label, overlap, x1, y1, x2, y2)
@@ -197,3 +202,30 @@ def test_window_data_errors(window_file):
         layer.forward([], top)
     with pytest.raises(DataError, match="cannot read the window file"):
         make_layer(text(window_file / "missing"), [], n_top=2)
+
+
+PASCAL = (Path(__file__).resolve().parents[3] / "shared" / "conformance"
+          / "BVLC__caffe__examples__finetune_pascal_detection__pascal_finetune_trainval_test"
+          ".prototxt")
+
+
+@pytest.mark.skipif(not PASCAL.is_file(), reason="conformance corpus not found")
+def test_caffes_rcnn_finetuning_data_layers_read_a_window_file(window_file):
+    """The data layers of Caffe's examples/finetune_pascal_detection net (context_pad 16,
+    crop 227, mirror, a mean file) as written, their sources pointed at the tiny window file."""
+    write_mean(str(window_file / "mean.binaryproto"),
+               np.full((3, 256, 256), 100, np.float32))
+    param = read_net_param(str(PASCAL))
+    del param.layer[2:]  # the TRAIN and TEST WindowData layers; CaffeNet itself is too slow here
+    for layer in param.layer:
+        layer.window_data_param.source = str(window_file / "windows.txt")
+        layer.window_data_param.root_folder = f"{window_file}/"
+        layer.window_data_param.batch_size = 4
+        layer.transform_param.mean_file = str(window_file / "mean.binaryproto")
+    for phase in (engine.TRAIN, engine.TEST):
+        net = Net(param, phase, rng=np.random.default_rng(0))
+        net.forward()
+        assert net.blobs["data"].shape == (4, 3, 227, 227)
+        labels = net.blobs["label"].data
+        assert np.all(labels[:3] == 0) and labels[3] > 0  # int(4 * 0.25) foreground window
+        assert np.abs(net.blobs["data"].data).max() > 0

@@ -205,6 +205,10 @@ def run_both(cv2, tmp_path: Path, text: str, seed: int, names: list[str]):
     net = engine.Net(str(prototxt), engine.TEST)
     randomize(net, seed)
     net.save(str(model))
+    again = engine.Net(str(prototxt), engine.TEST, weights=str(model))  # Moka reads it back
+    for name, blobs in net.params.items():
+        for ours, read in zip(blobs, again.params[name], strict=True):
+            np.testing.assert_array_equal(read.data, ours.data, err_msg=name)
     x = np.random.default_rng(seed + 1).uniform(-1, 1, net.blobs["data"].shape)
     x = x.astype(np.float32)
     net.forward(data=x)

@@ -346,3 +346,14 @@ def test_training_only_layers_stop_with_one_clear_line(phase, layer, kind):
     assert "\n" not in message
     assert f"layer '{layer}'" in message and f"'{kind}' is not supported" in message
     assert "SSD fork" in message and "unknown" not in message
+
+
+def test_the_command_line_says_not_supported_in_one_line(tmp_path, capsys):
+    from engine.cli import main
+
+    model = tmp_path / "train.prototxt"
+    model.write_text(SSD_TRAIN)
+    assert main(["time", "--model", str(model), "--iterations", "1"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert "layer 'data'" in err[0] and "'AnnotatedData' is not supported" in err[0]

@@ -39,15 +39,38 @@ class WindowFile:
     background: list[tuple[int, int, float, int, int, int, int]]
 
 
-def _tokens(source: str, where: str) -> list[tuple[str, int]]:
-    try:
-        with open(source, encoding="utf-8") as f:
-            text = f.read()
-    except OSError as exc:
-        raise DataError(f"{where}: cannot read the window file '{source}': "
-                        f"{exc.strerror or exc}") from exc
-    return [(token, number) for number, line in enumerate(text.splitlines(), 1)
-            for token in line.split()]
+class _Tokens:
+    """The whitespace-separated tokens of a window file, taken in order, with line numbers."""
+
+    def __init__(self, source: str, where: str) -> None:
+        self.source, self.where = source, where
+        try:
+            with open(source, encoding="utf-8") as f:
+                text = f.read()
+        except OSError as exc:
+            raise DataError(f"{where}: cannot read the window file '{source}': "
+                            f"{exc.strerror or exc}") from exc
+        self.tokens = [(token, number) for number, line in enumerate(text.splitlines(), 1)
+                       for token in line.split()]
+        self.pos = 0
+
+    def more(self) -> bool:
+        return self.pos < len(self.tokens)
+
+    def take(self, kind: type, what: str):
+        if not self.more():
+            raise DataError(f"{self.where}: '{self.source}' ends early; expected {what}")
+        token, _ = self.tokens[self.pos]
+        self.pos += 1
+        try:
+            return kind(token)
+        except ValueError:
+            raise self.error(f"expected {what}, got {token!r}") from None
+
+    def error(self, message: str) -> DataError:
+        """An error at the line of the last token taken."""
+        line = self.tokens[self.pos - 1][1]
+        return DataError(f"{self.where}: '{self.source}' line {line}: {message}")
 
 
 def read_window_file(source: str, root: str, fg_threshold: float, bg_threshold: float,
@@ -55,39 +78,25 @@ def read_window_file(source: str, root: str, fg_threshold: float, bg_threshold: 
     """Parse ``source`` and sort its windows as Caffe does: overlap >= fg_threshold is
     foreground (label must be > 0), overlap < bg_threshold background (label and overlap set
     to 0), anything between is dropped."""
-    tokens = _tokens(source, where)
+    tokens = _Tokens(source, where)
     out = WindowFile([], [], [])
-    pos = 0
-
-    def take(kind: type, what: str):
-        nonlocal pos
-        if pos >= len(tokens):
-            raise DataError(f"{where}: '{source}' ends early; expected {what}")
-        token, line = tokens[pos]
-        pos += 1
-        try:
-            return kind(token)
-        except ValueError:
-            raise DataError(f"{where}: '{source}' line {line}: expected {what}, got "
-                            f"{token!r}") from None
-
     fg, bg = np.float32(fg_threshold), np.float32(bg_threshold)
-    while pos < len(tokens):
-        if take(str, "'#'") != "#":
-            raise DataError(f"{where}: '{source}' line {tokens[pos - 1][1]}: expected '#' "
-                            f"starting an image record")
-        index = take(int, "the image index")
-        path = root + take(str, "the image path")
-        size = (take(int, "channels"), take(int, "height"), take(int, "width"))
+    while tokens.more():
+        if tokens.take(str, "'#'") != "#":
+            raise tokens.error("expected '#' starting an image record")
+        index = tokens.take(int, "the image index")
+        path = root + tokens.take(str, "the image path")
+        size = (tokens.take(int, "channels"), tokens.take(int, "height"),
+                tokens.take(int, "width"))
         out.images.append((path, size))
-        for _ in range(take(int, "the number of windows")):
-            label, overlap = take(int, "a class index"), np.float32(take(float, "an overlap"))
-            box = tuple(take(int, "a window corner") for _ in range(4))
+        for _ in range(tokens.take(int, "the number of windows")):
+            label = tokens.take(int, "a class index")
+            overlap = np.float32(tokens.take(float, "an overlap"))
+            box = tuple(tokens.take(int, "a window corner") for _ in range(4))
             if overlap >= fg:
                 if label <= 0:
-                    raise DataError(f"{where}: '{source}' line {tokens[pos - 1][1]}: a "
-                                    f"foreground window (overlap {overlap}) needs a class "
-                                    f"index > 0; got {label}")
+                    raise tokens.error(f"a foreground window (overlap {overlap}) needs a class "
+                                       f"index > 0; got {label}")
                 out.foreground.append((index, label, float(overlap), *box))
             elif overlap < bg:
                 out.background.append((index, 0, 0.0, *box))

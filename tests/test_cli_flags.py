@@ -98,3 +98,23 @@ def test_device_query_names_cpu_blas_and_threads(capsys):
 def test_no_command_is_one_line(capsys):
     rc = main([])
     assert_one_line_error(rc, capsys.readouterr().err, "need a command")
+
+
+def test_device_query_without_threadpoolctl_reads_numpys_configuration(monkeypatch):
+    import builtins
+
+    from engine import device
+
+    real_import = builtins.__import__
+
+    def no_threadpoolctl(name, *args, **kwargs):
+        if name == "threadpoolctl":
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_threadpoolctl)
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "3")
+    (blas,) = device.blas_info()
+    assert blas["source"] == "numpy build configuration"
+    assert blas["threads"] == "3 (from OPENBLAS_NUM_THREADS)"
+    assert blas["name"]

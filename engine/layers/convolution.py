@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from engine.blob import Blob
+from engine.depthwise_kernels import depthwise_backward, depthwise_forward
 from engine.kernels import (
     ConvGeometry,
     Workspace,
@@ -31,7 +32,9 @@ class Convolution(Layer):
     channels into contiguous blocks. Any number of spatial axes (1-d, 2-d, 3-d...). Several
     bottoms are allowed, all of one shape; each gives the same-index top with the same weights.
 
-    Forward is im2col + one GEMM per group over the whole batch. Backward reuses the forward's
+    Forward is im2col + one GEMM per group over the whole batch; with one filter per channel
+    (``group == channels == num_output``: depthwise) a direct kernel instead
+    (engine/depthwise_kernels.py). Backward reuses the forward's
     columns when the bottom array is the same object: the Net never rewrites a bottom between a
     layer's forward and its backward (an in-place writer gets a Split copy).
     """
@@ -49,6 +52,8 @@ class Convolution(Layer):
         self.channels = bottom[0].shape[self.axis]
         self._check_groups(p.group)
         self.geom = ConvGeometry(kernel, stride, pad, dilation, p.group)
+        # one filter per channel (MobileNet's depthwise layers): the direct kernel, no columns
+        self.direct = p.group == self.channels == self.num_output
         specs = [(self.weight_shape(), p.weight_filler)]
         if self.bias_term:
             specs.append(((self.num_output,), p.bias_filler))
@@ -158,6 +163,10 @@ class Convolution(Layer):
         bias = self.blobs[1].data if self.bias_term else None
         for i, (b, t) in enumerate(zip(bottom, top, strict=True)):
             work = self._work.setdefault(i, Workspace())
+            if self.direct:
+                depthwise_forward(self._nchw(b.data, self.channels), self.blobs[0].data, bias,
+                                  self.geom, work, self._nchw(t.data, self.num_output))
+                continue
             matrix = conv_forward(self._nchw(b.data, self.channels), self.blobs[0].data, bias,
                                   self.geom, work, self._nchw(t.data, self.num_output))
             self._columns[i] = (b.data, matrix)
@@ -169,6 +178,12 @@ class Convolution(Layer):
         bias_diff = self.blobs[1].diff if self.bias_term and want[1] else None
         for i, (t, b) in enumerate(zip(top, bottom, strict=True)):
             dy = self._nchw(t.diff, self.num_output)
+            if self.direct:
+                dx = self._nchw(b.diff, self.channels) if propagate_down[i] else None
+                depthwise_backward(dy, self._nchw(b.data, self.channels), self.blobs[0].data,
+                                   self.geom, self._work.setdefault(i, Workspace()),
+                                   weight_diff, bias_diff, dx)
+                continue
             if weight_diff is not None or bias_diff is not None:
                 source, matrix = self._columns.get(i, (None, None))
                 if source is not b.data:

@@ -1,5 +1,6 @@
-"""DepthwiseConvolution and ConvolutionDepthwise: shapes, forward against a naive loop and
-against grouped Convolution, gradients (direct kernel and the grouped fallback)."""
+"""DepthwiseConvolution and ConvolutionDepthwise (and Convolution with group == channels ==
+num_output, which takes the same direct kernel): shapes, forward against a naive loop and
+against grouped im2col, gradients (direct kernel and the grouped path)."""
 
 from __future__ import annotations
 
@@ -71,6 +72,8 @@ def test_same_as_grouped_convolution_forward_and_backward(params, stride, pad, d
     params += " num_output: 5 group: 5"
     direct, top = depthwise("DepthwiseConvolution", params, x, seed=2)
     grouped, top_g = depthwise("Convolution", params, x, seed=2)
+    assert grouped.direct
+    grouped.direct = False  # im2col + one GEMM per group, as for any other grouping
     np.testing.assert_array_equal(direct.blobs[0].data, grouped.blobs[0].data)
     direct.forward([x], top)
     grouped.forward([x], top_g)

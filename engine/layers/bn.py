@@ -53,6 +53,8 @@ class BN(Layer):
     backward_needs_top_data = False
 
     n_top = (1, 3)
+    backward_needs_bottom_data = False  # x_hat (or x) and the statistics are kept
+    backward_needs_top_data = False
 
     def setup(self, bottom: list[Blob], top: list[Blob]) -> None:
         p = self.param.bn_param

@@ -38,10 +38,11 @@ class Axpy(Layer):
 
     Gradients: ``da = sum over (H, W) of dtop * x``, ``dx = a * dtop``, ``dy = dtop``, each
     under its own ``propagate_down`` (the port tests propagate_down[0] where it means [1]).
-    Shapes: top like x; may be in place with y (bottom 2).
+    Shapes: top like x.
     """
 
     n_bottom = (3, 3)
+    backward_needs_top_data = False
 
     def reshape(self, bottom: list[Blob], top: list[Blob]) -> None:
         a, x, y = (b.shape for b in bottom)
@@ -50,8 +51,7 @@ class Axpy(Layer):
                              f"bottom 1's N and C; got {a} against {x}")
         if x != y:
             raise self.error(f"bottoms 1 and 2 must have the same shape; got {x} and {y}")
-        if top[0] is not bottom[2]:
-            top[0].reshape(x)
+        top[0].reshape(x)
 
     def _scale(self, bottom: list[Blob]) -> np.ndarray:
         a = bottom[0].data
@@ -68,5 +68,5 @@ class Axpy(Layer):
             bottom[0].diff[...] = per_plane.reshape(bottom[0].shape)
         if propagate_down[1]:
             np.multiply(dtop, self._scale(bottom), out=bottom[1].diff)
-        if propagate_down[2] and bottom[2].diff is not dtop:
+        if propagate_down[2]:
             np.copyto(bottom[2].diff, dtop)

@@ -36,6 +36,7 @@ class Upsample(Layer):
     """
 
     n_bottom = (1, 2)
+    backward_needs_top_data = False  # backward reads the mask (bottom 1) only
 
     def setup(self, bottom: list[Blob], top: list[Blob]) -> None:
         p = self.param.upsample_param
@@ -167,6 +168,9 @@ class Interp(Layer):
     shrink, then zoom. Backward is the adjoint (the gradient lands in the cropped region only).
     Shapes: bottom (N, C, H, W) -> top (N, C, Ho, Wo).
     """
+
+    backward_needs_bottom_data = False
+    backward_needs_top_data = False
 
     def setup(self, bottom: list[Blob], top: list[Blob]) -> None:
         p = self.param.interp_param

@@ -6,11 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from gradcheck import check_gradient
-from layer_helpers import blob_of, layer_param, make_layer, random_blob, run_forward_backward
+from layer_helpers import blob_of, make_layer, random_blob, run_forward_backward
 
 from engine.blob import Blob
 from engine.errors import LayerError
-from engine.layer import TRAIN, create_layer
 
 
 def relu6_loop(x):
@@ -77,23 +76,6 @@ def test_axpy_propagate_down_is_per_bottom():
     np.testing.assert_array_equal(a.diff, 7)
     np.testing.assert_array_equal(y.diff, 7)
     np.testing.assert_allclose(x.diff, np.broadcast_to(a.data, x.shape))
-
-
-def test_axpy_in_place_on_the_shortcut():
-    a, x = random_blob((2, 3, 1, 1), 1), random_blob((2, 3, 4, 4), 2)
-    y = random_blob((2, 3, 4, 4), 3)
-    expected = axpy_loop(a.data, x.data, y.data)
-    layer = create_layer(layer_param('type: "Axpy"'), TRAIN, np.random.default_rng(0),
-                         np.float64)
-    layer.setup([a, x, y], [y])
-    layer.reshape([a, x, y], [y])
-    layer.forward([a, x, y], [y])
-    np.testing.assert_allclose(y.data, expected, rtol=1e-14)
-    y.diff[...] = np.random.default_rng(4).standard_normal(y.shape)
-    dtop = y.diff.copy()
-    layer.backward([y], [True, True, True], [a, x, y])
-    np.testing.assert_array_equal(y.diff, dtop)
-    np.testing.assert_allclose(x.diff, dtop * a.data, rtol=1e-14)
 
 
 @pytest.mark.parametrize(("shapes", "match"), [

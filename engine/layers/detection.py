@@ -185,7 +185,7 @@ class DetectionOutput(Layer):
 
     def _image_rows(self, image: int, boxes: np.ndarray, scores: np.ndarray) -> np.ndarray:
         """The (D, 7) rows of one image: boxes (L, P, 4), scores (P, num_classes)."""
-        labels, kept = [], []
+        labels, kept = [np.empty(0, np.int64)], [np.empty(0, np.int64)]
         for c in range(self.num_classes):  # a few classes; NMS within a class is sequential
             if c == self.background:
                 continue
@@ -193,8 +193,7 @@ class DetectionOutput(Layer):
                     self.confidence_threshold, self.nms_threshold, self.eta, self.top_k)
             labels.append(np.full(len(k), c))
             kept.append(k)
-        labels, kept = np.concatenate(labels or [[]]).astype(int), np.concatenate(kept or [[]])
-        kept = kept.astype(int)
+        labels, kept = np.concatenate(labels), np.concatenate(kept)
         score = scores[kept, labels]
         if -1 < self.keep_top_k < len(kept):
             best = np.sort(np.argsort(-score, kind="stable")[:self.keep_top_k])

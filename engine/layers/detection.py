@@ -8,6 +8,8 @@ Boxes are ``[xmin, ymin, xmax, ymax]`` in [0, 1] image coordinates throughout.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 from engine.blob import Blob
@@ -19,6 +21,8 @@ _SSD_TRAINING = ("a training-side layer of the SSD fork (weiliu89/caffe); Moka r
 UNSUPPORTED.update({kind: _SSD_TRAINING for kind in
                     ("AnnotatedData", "MultiBoxLoss", "DetectionEvaluate", "SmoothL1Loss")})
 UNSUPPORTED["VideoData"] = "the SSD fork's webcam/video reader; feed frames through Input"
+
+log = logging.getLogger(__name__)
 
 
 @register_layer
@@ -148,6 +152,9 @@ class DetectionOutput(Layer):
             raise self.error("nms_param needs nms_threshold >= 0 and 0 < eta <= 1")
         self.nms_threshold, self.eta = nms.nms_threshold, nms.eta
         self.top_k = nms.top_k if nms.HasField("top_k") else -1
+        if p.save_output_param.output_directory or p.visualize:
+            log.warning("layer '%s': DetectionOutput's save_output_param and visualize are "
+                        "not implemented; the detections are only in the top blob", self.name)
 
     def reshape(self, bottom: list[Blob], top: list[Blob]) -> None:
         loc, conf, prior = bottom

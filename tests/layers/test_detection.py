@@ -261,6 +261,14 @@ def test_no_detection_gives_one_placeholder_row_per_image():
     assert (out[0, 0, :, 1:] == -1).all()
 
 
+def test_saving_and_visualising_are_ignored_with_a_warning(caplog):
+    loc, conf, prior = random_head(1, 5, 3, 1, seed=3)
+    params = 'num_classes: 3 save_output_param { output_directory: "out" } visualize: true'
+    out = detection_output(params, loc, conf, prior)
+    assert out.shape[-1] == 7
+    assert "save_output_param and visualize are not implemented" in caplog.text
+
+
 def test_detection_output_shape_errors():
     loc, conf, prior = random_head(1, 5, 3, 1, seed=2)
     with pytest.raises(LayerError, match="bottom 1 should hold"):

@@ -337,6 +337,10 @@ def _common(*, sub: bool) -> argparse.ArgumentParser:
                         help="show tracebacks for errors")
     parent.add_argument("--quiet", "-q", action="store_true", default=default,
                         help="log only warnings and errors")
+    parent.add_argument("--threads", type=int, metavar="N",
+                        default=argparse.SUPPRESS if sub else None,
+                        help="threads for Moka's batch steps and numpy's BLAS (default: "
+                        "MOKA_NUM_THREADS, else the usable CPUs)")
     return parent
 
 
@@ -501,6 +505,12 @@ def main(argv: list[str] | None = None) -> int:
                                   "'engine --help')"), verbose=False, status=2)
     if getattr(args, "iterations", 1) < 1:
         return _report(UsageError("--iterations must be at least 1"), verbose=False, status=2)
+    if args.threads is not None:
+        if args.threads < 1:
+            return _report(UsageError("--threads must be at least 1"), verbose=False, status=2)
+        from engine import parallel
+
+        parallel.set_num_threads(args.threads)
     level = logging.WARNING if args.quiet else logging.INFO
     args.status = _status_stream(args)
     allow_python = getattr(args, "allow_python", None)

@@ -5,21 +5,28 @@ on disjoint ranges of the batch axis run those steps in parallel. Each batch ite
 exactly as it would be on one thread, so results are bit-identical for every thread count (exact
 resume depends on it). Never call these around a BLAS GEMM: BLAS already uses every core.
 
-The number of threads is ``MOKA_NUM_THREADS`` if set, else the CPUs this process may use (at most
-``DEFAULT_MAX_THREADS``), or 1 when BLAS threads would be busy-waiting (below); with one thread
-everything runs inline, without a pool.
+One count, set explicitly, drives both Moka's threads and numpy's BLAS threads:
+``MOKA_NUM_THREADS`` if set, else the CPUs this process may use; ``set_num_threads`` (the CLI's
+``--threads``) changes both later. Moka's batch steps use at most ``DEFAULT_MAX_THREADS`` of them
+unless the count was given explicitly. The BLAS count is applied through ``threadpoolctl`` (a
+core dependency: the BLAS that numpy loaded is found and set at run time, whatever the import
+order or ``OPENBLAS_NUM_THREADS``/``OMP_NUM_THREADS`` say); with one thread everything runs
+inline, without a pool. ``thread_configuration()`` reports what is in force.
 
 OpenBLAS's worker threads busy-wait for about 0.1 s after each call before they sleep, so in a
 training step, GEMM after GEMM, they hold the cores that these threads need (measured: a 2-thread
 max-pool ran 2x slower right after a GEMM than alone, slower than on one thread). Told by
 ``OPENBLAS_THREAD_TIMEOUT`` to sleep sooner, they free the cores (CIFAR10-quick iteration 125 ->
-105 ms, measured). OpenBLAS reads that variable once, when numpy loads it, so this module sets it
-(unless set already) before anything imports numpy: ``engine/__init__.py`` imports it first. If
-numpy was loaded before, without the variable, the default is one thread.
+105 ms, measured). OpenBLAS reads that variable when it loads, so this module sets it (unless
+set already) before anything imports numpy: ``engine/__init__.py`` imports it first. If numpy
+was imported first, OpenBLAS is told to read its environment again and its idle workers are
+shut down (the same call OpenBLAS makes in a forked child); the next BLAS call starts them
+anew with the short timeout. Either import order ends in the same configuration (tested).
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import queue
 import sys
@@ -28,8 +35,12 @@ from collections.abc import Callable
 
 # log2 of the cycles an idle OpenBLAS worker spins before sleeping (OpenBLAS's default is 28).
 BLAS_THREAD_TIMEOUT = "4"
-_BLAS_SPINS = "numpy" in sys.modules and "OPENBLAS_THREAD_TIMEOUT" not in os.environ
+# numpy (so OpenBLAS) loaded before us, and OpenBLAS read no timeout: it must read it again
+_RELOAD_BLAS_TIMEOUT = "numpy" in sys.modules and "OPENBLAS_THREAD_TIMEOUT" not in os.environ
 os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", BLAS_THREAD_TIMEOUT)
+
+import numpy  # noqa: E402, F401  (loads OpenBLAS after the variable above)
+import threadpoolctl  # noqa: E402
 
 DEFAULT_MAX_THREADS = 8  # memory-bound copies stop scaling long before the core count does
 # Below this much work (array elements) per thread, a hand-off to a thread (15-50 us) costs
@@ -89,16 +100,51 @@ def _threads_from_environment() -> int:
             return max(1, int(value))
         except ValueError:
             raise ValueError(f"MOKA_NUM_THREADS must be an integer; got {value!r}") from None
-    if _BLAS_SPINS:
-        return 1
+    return usable_cpus()
+
+
+def usable_cpus() -> int:
     try:
-        cpus = len(os.sched_getaffinity(0))
+        return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not on Linux
-        cpus = os.cpu_count() or 1
-    return max(1, min(cpus, DEFAULT_MAX_THREADS))
+        return os.cpu_count() or 1
 
 
-_threads = _threads_from_environment()
+def _openblas_libraries() -> list[dict]:
+    return [info for info in threadpoolctl.threadpool_info()
+            if info.get("internal_api") == "openblas" and info.get("filepath")]
+
+
+def _reload_openblas_timeout() -> None:
+    """Make an already loaded OpenBLAS take ``OPENBLAS_THREAD_TIMEOUT`` from the environment:
+    it re-reads its environment, and its idle workers are shut down, to be started again (with
+    the new timeout) by the next call that needs them. Builds without these entry points keep
+    their timeout."""
+    for info in _openblas_libraries():
+        try:
+            library = ctypes.CDLL(info["filepath"])
+            read_env, shutdown = library.openblas_read_env, library.blas_thread_shutdown_
+        except (OSError, AttributeError):
+            continue
+        read_env()
+        shutdown()
+
+
+def blas_thread_timeout() -> int | None:
+    """The idle-spin timeout (log2 cycles) OpenBLAS works with, or None when unknown or not
+    OpenBLAS (0 is OpenBLAS's own default, 2**28 cycles)."""
+    for info in _openblas_libraries():
+        try:
+            getter = ctypes.CDLL(info["filepath"]).openblas_thread_timeout
+        except (OSError, AttributeError):
+            continue
+        getter.restype = ctypes.c_int
+        return int(getter())
+    return None
+
+
+_threads = 1
+_blas_threads = 1
 
 
 def num_threads() -> int:
@@ -106,13 +152,35 @@ def num_threads() -> int:
     return _threads
 
 
+def blas_num_threads() -> int:
+    """How many threads Moka asked numpy's BLAS to use."""
+    return _blas_threads
+
+
 def set_num_threads(threads: int | None) -> int:
-    """Use ``threads`` threads from now on (None: from the environment again); returns the
-    previous count. Idle workers beyond the new count are kept for later."""
-    global _threads
+    """Use ``threads`` threads from now on, in Moka's batch steps and in numpy's BLAS (None:
+    from the environment again); returns Moka's previous count. Idle workers beyond the new
+    count are kept for later."""
+    global _threads, _blas_threads
     previous = _threads
-    _threads = _threads_from_environment() if threads is None else max(1, int(threads))
+    if threads is None:
+        _blas_threads = _threads_from_environment()
+        explicit = bool(os.environ.get("MOKA_NUM_THREADS", "").strip())
+        _threads = _blas_threads if explicit else min(_blas_threads, DEFAULT_MAX_THREADS)
+    else:
+        _threads = _blas_threads = max(1, int(threads))
+    threadpoolctl.threadpool_limits(limits=_blas_threads, user_api="blas")
     return previous
+
+
+def thread_configuration() -> dict:
+    """What is in force: Moka's thread count, and per BLAS library its name, version, thread
+    count and (OpenBLAS) idle timeout."""
+    blas = [{"library": info.get("internal_api"), "version": info.get("version"),
+             "threads": info.get("num_threads")}
+            for info in threadpoolctl.threadpool_info() if info.get("user_api") == "blas"]
+    return {"moka_threads": _threads, "blas": blas, "openblas_thread_timeout":
+            blas_thread_timeout()}
 
 
 def _worker(index: int) -> _Worker:
@@ -181,3 +249,8 @@ def for_batch_chunks(fn: Callable[[int, int], None], n: int, item_work: int) -> 
     """Call ``fn(start, stop)`` on one contiguous range of ``range(n)`` per thread (see
     ``for_batch_blocks``)."""
     for_batch_blocks(lambda _worker, start, stop: fn(start, stop), n, item_work)
+
+
+if _RELOAD_BLAS_TIMEOUT:
+    _reload_openblas_timeout()
+set_num_threads(None)

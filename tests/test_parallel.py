@@ -3,7 +3,12 @@ any thread count (exact resume depends on it)."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +16,8 @@ from layer_helpers import blob_of, make_layer
 
 from engine import parallel
 from engine.layers import pooling as pooling_module
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -130,3 +137,61 @@ def test_results_do_not_depend_on_the_thread_count(threads, monkeypatch, text):
         np.testing.assert_array_equal(other[1], runs[0][1])
         for a, b in zip(other[2], runs[0][2], strict=True):
             np.testing.assert_array_equal(a, b)
+
+
+# -- one thread configuration, however numpy and engine are imported --------------------------
+def thread_configuration_of(code: str, **env: str) -> dict:
+    """``parallel.thread_configuration()`` in a fresh interpreter that first runs ``code``."""
+    environment = {k: v for k, v in os.environ.items()
+                   if k not in ("MOKA_NUM_THREADS", "OPENBLAS_THREAD_TIMEOUT")}
+    environment.update(env, PYTHONPATH=str(REPO))
+    script = f"{code}\nimport json\nfrom engine import parallel\n" \
+             "print(json.dumps(parallel.thread_configuration()))"
+    done = subprocess.run([sys.executable, "-c", script], env=environment, capture_output=True,
+                          text=True, check=True, cwd=REPO)
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def test_import_order_does_not_change_the_thread_configuration():
+    engine_first = thread_configuration_of("import engine\nimport numpy")
+    numpy_first = thread_configuration_of("import numpy\nimport engine")
+    assert numpy_first == engine_first
+    assert engine_first["moka_threads"] == min(parallel.usable_cpus(),
+                                               parallel.DEFAULT_MAX_THREADS)
+    assert [b["threads"] for b in engine_first["blas"]] == [parallel.usable_cpus()] * len(
+        engine_first["blas"])
+    if parallel.blas_thread_timeout() is not None:  # OpenBLAS: idle workers sleep soon
+        assert engine_first["openblas_thread_timeout"] == int(parallel.BLAS_THREAD_TIMEOUT)
+
+
+def test_moka_num_threads_sets_blas_too_whatever_blas_variables_say():
+    for code in ("import numpy\nimport engine", "import engine"):
+        got = thread_configuration_of(code, MOKA_NUM_THREADS="3", OPENBLAS_NUM_THREADS="1",
+                                      OMP_NUM_THREADS="1")
+        assert got["moka_threads"] == 3
+        assert {b["threads"] for b in got["blas"]} <= {3}
+
+
+def test_set_num_threads_sets_blas_threads():
+    try:
+        parallel.set_num_threads(1)
+        config = parallel.thread_configuration()
+        assert config["moka_threads"] == 1
+        assert all(b["threads"] == 1 for b in config["blas"])
+    finally:
+        parallel.set_num_threads(None)
+    assert parallel.blas_num_threads() == parallel._threads_from_environment()
+
+
+def test_threads_flag_sets_both_counts():
+    from engine import cli
+
+    try:
+        for argv in (["device_query", "--threads", "1"], ["-threads", "1", "device_query"],
+                     ["device_query", "-threads=1"]):
+            parallel.set_num_threads(None)
+            assert cli.main(argv) == 0
+            assert parallel.num_threads() == parallel.blas_num_threads() == 1
+        assert cli.main(["device_query", "--threads", "0"]) == 2
+    finally:
+        parallel.set_num_threads(None)

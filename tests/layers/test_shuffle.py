@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from gradcheck import check_gradient
-from layer_helpers import make_layer, random_blob
+from layer_helpers import in_place_layer, make_layer, random_blob
 
 from engine.errors import LayerError
 
@@ -49,6 +49,18 @@ def test_gradient(group):
     x = random_blob((2, 6, 2, 3), seed=2)
     layer, top = shuffle(group, x)
     assert check_gradient(layer, [x], top) > 0
+
+
+def test_in_place_matches_out_of_place():
+    x = random_blob((2, 6, 2, 3), seed=4)
+    expected = naive_shuffle(x.data, 3)
+    dy = np.random.default_rng(5).standard_normal(x.shape)
+    layer, top = in_place_layer('type: "ShuffleChannel" shuffle_channel_param { group: 3 }', [x])
+    layer.forward([x], top)
+    np.testing.assert_array_equal(x.data, expected)
+    x.diff[...] = dy
+    layer.backward(top, [True], [x])
+    np.testing.assert_array_equal(naive_shuffle(x.diff, 3), dy)  # the inverse permutation
 
 
 def test_default_group_is_identity():

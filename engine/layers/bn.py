@@ -35,7 +35,7 @@ def _channel_sum(a: np.ndarray) -> np.ndarray:
 
 @register_layer
 class BN(Layer):
-    """Per-channel batch normalization followed by a learned scale and shift.
+    """Batch normalization with its own scale and shift (SegNet/ENet and PSPNet forms).
 
     LEARN (SegNet/ENet, in every phase): ``mean = E[x]``, ``var = E[x^2] - mean^2`` over
     (N, H, W), ``x_hat = (x - mean) / sqrt(var + 1e-9)``, ``y = scale * x_hat + shift``;

@@ -57,8 +57,9 @@ def read_pair_list(source: str, where: str) -> list[tuple[str, str]]:
 
 @register_layer
 class DenseImageData(ImageData):
-    """Images and their per-pixel label images, read from ``root_folder + path`` for each
-    ``image label`` line of ``source``.
+    """Segmentation data: an image and its per-pixel label image per line of ``source``.
+
+    Both read from ``root_folder + path`` for each ``image label`` line.
 
     Tops: data (batch_size, C, H, W) as ImageData (C = 3 BGR when ``is_color``, else 1; OpenCV
     INTER_LINEAR resize to ``new_height`` x ``new_width``), through transform_param's mean and

@@ -13,9 +13,10 @@ from engine.layer import Layer, NeuronLayer, register_layer
 
 @register_layer
 class ReLU6(NeuronLayer):
-    """y = min(max(x, 0), 6); dy/dx = 1 where 0 < x < 6 (both ends excluded, as the ports'
-    ``relu6_layer.cpp``), else 0. Safe in place: 0 < y < 6 exactly where 0 < x < 6.
-    Shape: any.
+    """y = min(max(x, 0), 6), MobileNet v2 ports' activation.
+
+    dy/dx = 1 where 0 < x < 6 (both ends excluded, as the ports' ``relu6_layer.cpp``), else 0.
+    Safe in place: 0 < y < 6 exactly where 0 < x < 6. Shape: any.
     """
 
     backward_needs_bottom_data = False
@@ -33,8 +34,9 @@ class ReLU6(NeuronLayer):
 
 @register_layer
 class Axpy(Layer):
-    """SENet's channel reweighting plus shortcut: bottoms a (N, C) or (N, C, 1, 1), x and y
-    (N, C, H, W); ``top = a * x + y`` with a broadcast over (H, W).
+    """top = a * x + y: SENet's channel reweighting plus shortcut, in one layer.
+
+    Bottoms a (N, C) or (N, C, 1, 1), x and y (N, C, H, W); a is broadcast over (H, W).
 
     Gradients: ``da = sum over (H, W) of dtop * x``, ``dx = a * dtop``, ``dy = dtop``, each
     under its own ``propagate_down`` (the port tests propagate_down[0] where it means [1]).

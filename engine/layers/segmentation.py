@@ -19,8 +19,10 @@ from engine.layer import Layer, register_layer
 
 @register_layer
 class Upsample(Layer):
-    """Max-unpooling: bottoms (data, mask), both (N, C, H, W), mask as MAX Pooling's second
-    top (the flat index ``h * OW + w`` of each value's cell in the output plane).
+    """Max-unpooling by a MAX Pooling mask (SegNet/ENet); one bottom: nearest upsampling.
+
+    Bottoms (data, mask), both (N, C, H, W), the mask as MAX Pooling's second top (the flat
+    index ``h * OW + w`` of each value's cell in the output plane).
 
     ``y = 0`` except ``y[n, c].flat[mask[n, c, i]] = x[n, c].flat[i]``; backward gathers
     ``dx[n, c, i] = dy[n, c].flat[mask[n, c, i]]``; the mask gets no gradient. Output size:
@@ -158,8 +160,10 @@ def _sum_into(values: np.ndarray, index: np.ndarray, n: int, axis: int) -> np.nd
 
 @register_layer
 class Interp(Layer):
-    """Bilinear resize with aligned corners: output (Ho, Wo) samples the input at
-    ``j * (n_in - 1) / (n_out - 1)`` along each axis (DeepLab v2's ``caffe_cpu_interp2``).
+    """Bilinear resize with aligned corners (DeepLab v2, PSPNet).
+
+    Output (Ho, Wo) samples the input at ``j * (n_in - 1) / (n_out - 1)`` along each axis
+    (DeepLab v2's ``caffe_cpu_interp2``).
 
     The input is first cropped to ``H_eff = H + pad_beg + pad_end`` rows from row ``-pad_beg``
     (pads must be <= 0), and likewise for columns. Output size, in the fork's order of rules:

@@ -446,3 +446,5 @@ def test_segmentation_fork_messages():
     loss = caffe_pb2.LossParameter.DESCRIPTOR.fields_by_name
     assert loss["class_weighting"].number == 4
     assert loss["weight_by_label_freqs"].number == 1003
+    dropout = caffe_pb2.DropoutParameter.DESCRIPTOR.fields_by_name
+    assert dropout["sample_weights_test"].number == 2

@@ -119,7 +119,9 @@ class Dropout(NeuronLayer):
     """Inverted dropout. TRAIN: mask ~ Bernoulli(1 - r), y = x * mask / (1 - r); TEST: y = x.
 
     r is ``dropout_ratio``. Backward scales by the same mask (TRAIN) or copies (TEST). The mask
-    is drawn from ``self.rng`` on every TRAIN forward. Shape: any, top like bottom.
+    is drawn from ``self.rng`` on every TRAIN forward. The SegNet/ENet forks'
+    ``sample_weights_test: true`` drops in TEST as in TRAIN (Bayesian SegNet's Monte Carlo
+    dropout). Shape: any, top like bottom.
     """
 
     backward_needs_bottom_data = False
@@ -130,10 +132,11 @@ class Dropout(NeuronLayer):
         if not 0.0 <= self.ratio < 1.0:
             raise self.error(f"dropout_ratio must be in [0, 1); got {self.ratio}")
         self._scaled_mask: np.ndarray | None = None
+        self.drops = self.phase == TRAIN or self.param.dropout_param.sample_weights_test
 
     def forward(self, bottom: list[Blob], top: list[Blob]) -> None:
         x, y = bottom[0].data, top[0].data
-        if self.phase != TRAIN:
+        if not self.drops:
             if top[0] is not bottom[0]:
                 y[...] = x
             return
@@ -150,10 +153,10 @@ class Dropout(NeuronLayer):
         if not propagate_down[0]:
             return
         dy, dx = top[0].diff, bottom[0].diff
-        if self.phase != TRAIN:
+        if not self.drops:
             if top[0] is not bottom[0]:
                 dx[...] = dy
             return
         if self._scaled_mask is None or self._scaled_mask.shape != dy.shape:
-            raise self.error("backward called before a TRAIN forward on this shape")
+            raise self.error("backward called before a dropping forward on this shape")
         np.multiply(dy, self._scaled_mask, out=dx)

@@ -114,6 +114,21 @@ def test_dropout_train_scales_kept_units_and_reuses_mask(ratio):
     assert abs(kept.mean() - (1 - ratio)) < 5 * sd
 
 
+@pytest.mark.parametrize("in_place", [False, True])
+def test_dropout_sample_weights_test_drops_in_test_too(in_place):
+    """SegNet/ENet forks (Bayesian SegNet): TEST behaves as TRAIN, mask and scale alike."""
+    x = np.random.default_rng(0).uniform(1, 2, (60, 60))
+    dy = np.random.default_rng(1).standard_normal(x.shape)
+    text = 'type: "Dropout" dropout_param { dropout_ratio: 0.5 sample_weights_test: true }'
+    y, dx = run(text, x, dy, in_place, TEST)
+    kept = y != 0
+    assert 0.4 < kept.mean() < 0.6
+    np.testing.assert_allclose(y[kept], 2 * x[kept], rtol=1e-15)
+    np.testing.assert_array_equal(dx, np.where(kept, 2 * dy, 0))
+    y_train, _ = run(text, x, dy, in_place)
+    np.testing.assert_array_equal(y_train, y)  # the same draws from the same seed
+
+
 def test_dropout_draws_a_new_mask_each_forward_from_the_layer_rng():
     bottom = blob_of(np.ones((50, 50)))
     layer, top = make_layer('type: "Dropout"', [bottom], seed=5)

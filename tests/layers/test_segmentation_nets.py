@@ -239,3 +239,60 @@ def test_in_place_chain_through_bn_and_relu6_has_the_true_gradient():
     assert net.in_place_copies == [("relu6", "x", "power")]
     assert (net.blobs["x"].data == 12.5).any()  # some were clipped at 6 (Power: 6 -> 12.5)
     assert (net.blobs["x"].data == 0.5).any()  # and some at 0
+
+
+def write_pairs(folder, n: int = 5) -> str:
+    """``n`` 15x16 PNG images with label images (classes 0-3) and their list file."""
+    from PIL import Image
+
+    rng = np.random.default_rng(11)
+    lines = []
+    for i in range(n):
+        rgb = rng.integers(0, 256, (15, 16, 3), dtype=np.uint8)
+        label = (rgb[..., 0] > 127) + 2 * (rgb[..., 1] > 127)
+        Image.fromarray(rgb, "RGB").save(folder / f"im{i}.png")
+        Image.fromarray(label.astype(np.uint8), "L").save(folder / f"lab{i}.png")
+        lines.append(f"im{i}.png lab{i}.png\n")
+    (folder / "train.txt").write_text("".join(lines))
+    return str(folder / "train.txt")
+
+
+def segnet_training_files(tmp_path, name: str, snapshot: int) -> str:
+    source = write_pairs(tmp_path)
+    data = (f'layer {{ name: "data" type: "DenseImageData" top: "data" top: "label" '
+            f'transform_param {{ scale: 0.0078125 mean_value: 128 }} '
+            f'dense_image_data_param {{ source: "{source}" root_folder: "{tmp_path}/" '
+            f'batch_size: 2 shuffle: true mirror: true crop_height: 12 crop_width: 16 }} }}\n')
+    net = segnet(2).split("\n", 2)[2]  # SegNet without its Input layer
+    net = net.replace("upsample_h: 15 upsample_w: 16", "upsample_h: 12 upsample_w: 16")
+    (tmp_path / "net.prototxt").write_text('name: "segnet_train"\n' + data + net)
+    solver = tmp_path / f"{name}_solver.prototxt"
+    solver.write_text(f'net: "{tmp_path}/net.prototxt" base_lr: 0.2 lr_policy: "fixed" '
+                      f'momentum: 0.9 max_iter: 6 display: 0 random_seed: 5 '
+                      f'snapshot: {snapshot} snapshot_prefix: "{tmp_path}/{name}"\n')
+    return str(solver)
+
+
+def test_segnet_trains_from_dense_image_data_and_resumes_bit_exactly(tmp_path):
+    """DenseImageData (shuffle, shared mirror and crop) feeding SegNet through the solver:
+    6 iterations straight equal 3, a snapshot, a restore and 3 more, bit for bit."""
+    from solvers import get_solver
+
+    def run(name: str, snapshot: int = 0, restore: str | None = None, steps: int = 6):
+        solver = get_solver(segnet_training_files(tmp_path, name, snapshot))
+        losses: list[float] = []
+        solver.add_callback(on_gradients_ready=lambda: losses.append(
+            float(solver.net.blobs["loss"].data)))
+        if restore:
+            solver.restore(restore)
+        solver.step(steps)
+        return solver, losses
+
+    straight, straight_losses = run("straight")
+    _, first_losses = run("first", snapshot=3, steps=3)
+    resumed, resumed_losses = run("resumed", restore=str(tmp_path / "first_iter_3.solverstate"),
+                                  steps=3)
+    assert first_losses + resumed_losses == straight_losses
+    for a, b in zip(straight.net.learnable_params, resumed.net.learnable_params, strict=True):
+        np.testing.assert_array_equal(a.data, b.data)
+    assert all(np.isfinite(straight_losses))

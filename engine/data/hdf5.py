@@ -117,6 +117,26 @@ class HDF5Source:
             if self.row == len(self.order):
                 self._next_file(rng)
 
+    def position(self) -> tuple[int, int, int]:
+        """(file, row, epoch): where the next row comes from."""
+        return self.file, self.row, self.epoch
+
+    def rows_ahead(self, n: int) -> list[np.ndarray] | None:
+        """Copies of the next ``n`` rows of every dataset when they all lie in the loaded file
+        (the rows after it depend on draws made when the next file is entered), else None.
+        Moves nothing; safe on another thread while the source is left alone."""
+        if self.row + n > len(self.order):
+            return None
+        rows = self.order[self.row:self.row + n] if self.shuffle else slice(self.row,
+                                                                             self.row + n)
+        return [array[rows] for array in self.arrays]
+
+    def advance(self, n: int, rng: np.random.Generator) -> None:
+        """Move past ``n`` rows that ``rows_ahead(n)`` returned."""
+        self.row += n
+        if self.row == len(self.order):
+            self._next_file(rng)
+
     def _next_file(self, rng: np.random.Generator) -> None:
         self.row = 0
         if len(self.files) == 1:

@@ -53,6 +53,11 @@ class DataTransformer:
         return bool(self.crop_size or self.mirror or self.mean is not None
                     or self.mean_values is not None or self.scale != 1.0)
 
+    @property
+    def random(self) -> bool:
+        """Whether ``transform`` draws random numbers (mirror coins, TRAIN crop offsets)."""
+        return self.mirror or bool(self.crop_size and self.phase == TRAIN)
+
     def infer_shape(self, image_shape: Sequence[int]) -> tuple[int, int, int]:
         """The (C, H, W) an image of ``image_shape`` becomes; checks crop and mean fit it."""
         channels, height, width = (int(d) for d in image_shape)
@@ -71,8 +76,9 @@ class DataTransformer:
         return channels, height, width
 
     def transform(self, images: np.ndarray | Sequence[np.ndarray], out: np.ndarray,
-                  rng: np.random.Generator) -> None:
+                  rng: np.random.Generator | None) -> None:
         """Transform N CHW images (a 4-d array, or a list when sizes vary) into ``out``.
+        ``rng`` may be None when the transform is not ``random``.
 
         Images of different sizes are allowed only with a crop, as in Caffe.
         """

@@ -19,6 +19,7 @@ from engine.blob import Blob
 from engine.data.datum import datum_to_array, parse_datum
 from engine.data.db import open_db
 from engine.data.hdf5 import HDF5Source, read_file_list
+from engine.data.prefetch import Prefetcher
 from engine.data.transformer import DataTransformer
 from engine.errors import DataError
 from engine.fillers import fill
@@ -166,6 +167,8 @@ class Data(DataLayer):
         self._warned_force = False
         first, _ = self._decode(*self.reader.peek())
         self.top_shape = (self.batch_size, *self.transformer.infer_shape(first.shape))
+        self.cursor = self.reader.position  # the next batch the net gets starts here
+        self.prefetch = Prefetcher()
 
     def _decode(self, key: bytes, value: bytes) -> tuple[np.ndarray, int]:
         where = f"{self.where}: record {key!r} of '{self.reader.path}'"
@@ -181,21 +184,46 @@ class Data(DataLayer):
         if len(top) > 1:
             top[1].reshape((self.batch_size,))
 
-    def forward(self, bottom: list[Blob], top: list[Blob]) -> None:
+    def _read_batch(self) -> tuple[list[np.ndarray] | np.ndarray, list[int]]:
+        """The next batch from the reader: decoded images (transformed already, as a float
+        array, when the transform is not random) and labels. Runs in the background."""
         decoded = [self._decode(key, value) for key, value in self.reader.read(self.batch_size)]
         images = [image for image, _ in decoded]
         labels = [label for _, label in decoded]
-        self.top_shape = (self.batch_size, *self.transformer.infer_shape(images[0].shape))
-        self.reshape(bottom, top)
-        self.transformer.transform(images, top[0].data, self.rng)
+        if self.transformer.random:
+            return images, labels
+        shape = (self.batch_size, *self.transformer.infer_shape(images[0].shape))
+        out = np.empty(shape, self.dtype)
+        self.transformer.transform(images, out, None)
+        return out, labels
+
+    def forward(self, bottom: list[Blob], top: list[Blob]) -> None:
+        hit, batch = self.prefetch.take(self.cursor)
+        if not hit:
+            if self.reader.position != self.cursor:
+                self.reader.seek(self.cursor)
+            batch = self._read_batch()
+        images, labels = batch
+        self.cursor = self.reader.position
+        self.prefetch.start(self.cursor, self._read_batch)
+        if isinstance(images, np.ndarray):  # transformed in the background
+            self.top_shape = images.shape
+            self.reshape(bottom, top)
+            top[0].data[...] = images
+        else:
+            self.top_shape = (self.batch_size, *self.transformer.infer_shape(images[0].shape))
+            self.reshape(bottom, top)
+            self.transformer.transform(images, top[0].data, self.rng)
         if len(top) > 1:
             top[1].data[...] = labels
 
     def get_state(self) -> dict:
-        return {"cursor": self.reader.position}
+        return {"cursor": self.cursor}
 
     def set_state(self, state: dict) -> None:
+        self.prefetch.cancel()
         self.reader.seek(int(state["cursor"]))
+        self.cursor = self.reader.position
 
 
 @register_layer
@@ -206,6 +234,10 @@ class HDF5Data(DataLayer):
     file boundaries and wrap. ``shuffle``: file order reshuffled every epoch, rows each time a
     file is entered (from ``rng``). No transform_param, as in Caffe. State: file order, file,
     row cursor, row order and epoch.
+
+    The next batch's rows are gathered on a background thread while the net computes when they
+    lie in the loaded file (engine/data/prefetch.py); a batch that enters the next file is read
+    in the forward, where the shuffles are drawn.
     """
 
     n_top = (1, None)
@@ -223,18 +255,28 @@ class HDF5Data(DataLayer):
         files = read_file_list(p.source, self.where)
         self.source = HDF5Source(files, names, self.dtype, p.shuffle, self.where)
         self.source.start(self.rng)
+        self.prefetch = Prefetcher()
 
     def reshape(self, bottom: list[Blob], top: list[Blob]) -> None:
         for blob, row_shape in zip(top, self.source.row_shapes, strict=True):
             blob.reshape((self.batch_size, *row_shape))
 
     def forward(self, bottom: list[Blob], top: list[Blob]) -> None:
-        self.source.read(self.batch_size, [blob.data for blob in top], self.rng)
+        hit, rows = self.prefetch.take(self.source.position())
+        if hit and rows is not None:
+            for blob, values in zip(top, rows, strict=True):
+                blob.data[...] = values
+            self.source.advance(self.batch_size, self.rng)
+        else:
+            self.source.read(self.batch_size, [blob.data for blob in top], self.rng)
+        self.prefetch.start(self.source.position(),
+                            lambda: self.source.rows_ahead(self.batch_size))
 
     def get_state(self) -> dict:
         return self.source.get_state()
 
     def set_state(self, state: dict) -> None:
+        self.prefetch.cancel()
         self.source.set_state(state)
 
 

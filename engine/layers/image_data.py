@@ -15,6 +15,7 @@ import numpy as np
 
 from engine.blob import Blob
 from engine.data.image import read_image
+from engine.data.prefetch import Prefetcher
 from engine.data.transformer import DataTransformer
 from engine.errors import DataError
 from engine.layer import register_layer
@@ -102,9 +103,14 @@ class ImageData(DataLayer):
     again at every wrap (from ``rng``), and ``rand_skip`` starts at a random line in
     [0, rand_skip). State: ``{"cursor", "epoch", "order"}`` (the next line, wraps done, and the
     current order of the list).
+
+    The images of the next batch up to the end of the list are read and resized on a background
+    thread while the net computes (engine/data/prefetch.py); the reshuffle at a wrap and the
+    transform's draws stay in the forward, so the state is unchanged by prefetching.
     """
 
     n_top = (1, 2)
+    prefetch: Prefetcher | None = None  # set in setup (subclasses with their own reads: None)
 
     def setup(self, bottom: list[Blob], top: list[Blob]) -> None:
         p = self.param.image_data_param
@@ -136,13 +142,21 @@ class ImageData(DataLayer):
             self.cursor = skip
         first = self._load(self.cursor)
         self.top_shape = (self.batch_size, *self.transformer.infer_shape(first.shape))
+        self.prefetch = Prefetcher()
 
-    def _load(self, cursor: int) -> np.ndarray:
-        path, _ = self.lines[self.order[cursor]]
+    def _load_ahead(self, cursor: int, order: np.ndarray) -> list[np.ndarray]:
+        """The images of lines ``cursor``.. of ``order``, a batch at most, up to the list's end
+        (the order after it is drawn at the wrap). Runs in the background."""
+        stop = min(cursor + self.batch_size, len(self.lines))
+        return [self._load(i, order) for i in range(cursor, stop)]
+
+    def _load(self, cursor: int, order: np.ndarray | None = None) -> np.ndarray:
+        order = self.order if order is None else order
+        path, _ = self.lines[order[cursor]]
         full = self.root + path
         if not os.path.isfile(full):
             raise DataError(f"{self.where}: could not load '{full}' (line "
-                            f"{int(self.order[cursor]) + 1} of '{self.source}'): no such file")
+                            f"{int(order[cursor]) + 1} of '{self.source}'): no such file")
         image = read_image(full, self.color)
         if self.new_height:
             image = resize_linear(image, self.new_height, self.new_width)
@@ -154,9 +168,11 @@ class ImageData(DataLayer):
             top[1].reshape((self.batch_size,))
 
     def forward(self, bottom: list[Blob], top: list[Blob]) -> None:
+        hit, ahead = self.prefetch.take((self.cursor, self.epoch))
+        ahead = ahead if hit else []
         images, labels = [], []
-        for _ in range(self.batch_size):
-            images.append(self._load(self.cursor))
+        for k in range(self.batch_size):
+            images.append(ahead[k] if k < len(ahead) else self._load(self.cursor))
             labels.append(self.lines[self.order[self.cursor]][1])
             self.cursor += 1
             if self.cursor >= len(self.lines):
@@ -165,6 +181,8 @@ class ImageData(DataLayer):
                 self.epoch += 1
                 if self.shuffle:
                     self.order = self.rng.permutation(len(self.lines))
+        self.prefetch.start((self.cursor, self.epoch),
+                            lambda c=self.cursor, o=self.order: self._load_ahead(c, o))
         self.top_shape = (self.batch_size, *self.transformer.infer_shape(images[0].shape))
         self.reshape(bottom, top)
         self.transformer.transform(images, top[0].data, self.rng)
@@ -181,6 +199,8 @@ class ImageData(DataLayer):
             raise DataError(f"{self.where}: the saved order holds {len(order)} entries but "
                             f"'{self.source}' lists {len(self.lines)} images; the list changed "
                             f"since the state was saved")
+        if self.prefetch is not None:
+            self.prefetch.cancel()
         self.order = order
         self.cursor = int(state["cursor"]) % len(self.lines)
         self.epoch = int(state["epoch"])

@@ -126,7 +126,7 @@ def train(args: argparse.Namespace) -> int:
 
     _warn_gpu(args)
     path = _solver_path(args)
-    if args.snapshot:
+    if args.snapshot and args.snapshot != "latest":  # latest: see Solver.solve
         _require_file(args.snapshot, "snapshot")
     weights = _weight_files(args.weights)
     param = read_solver_param(path)
@@ -384,7 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("solver_file", nargs="?", metavar="SOLVER", help="the solver prototxt")
     p.add_argument("--solver", help="the solver prototxt (as Caffe's flag)")
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--snapshot", help="a .solverstate to resume training from")
+    group.add_argument("--snapshot", help="a .solverstate to resume training from, or 'latest': "
+                       "the newest complete snapshot under snapshot_prefix (none: start afresh)")
     group.add_argument("--weights", help="caffemodel(s) to fine-tune from, comma separated")
     _net_state_flags(p)
     _gpu_flag(p)

@@ -360,6 +360,9 @@ def _atomic_target(path: PathLike) -> Iterator[str]:
             os.close(fd)
 
 
+atomic_target = _atomic_target  # public: solvers/snapshot.py writes its files through it
+
+
 def _write_bytes(data: bytes, path: PathLike) -> None:
     with _atomic_target(path) as tmp, open(tmp, "xb") as f:
         f.write(data)

@@ -62,6 +62,14 @@ def _require(path: str, flag: str) -> str:
     return path
 
 
+def _load_npy(path: str, flag: str) -> np.ndarray:
+    """A .npy array; never unpickles (an object array could run code when loaded)."""
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise ToolError(f"{flag} '{path}': cannot read as a .npy array of numbers: {exc}") from None
+
+
 def _setup(args: argparse.Namespace) -> tuple[np.ndarray | None, list[int] | None]:
     """The mean and channel swap the flags give; switches the (CPU-only) mode as Caffe's."""
     from engine import mode
@@ -72,7 +80,9 @@ def _setup(args: argparse.Namespace) -> tuple[np.ndarray | None, list[int] | Non
         mode.set_mode_cpu()
     _require(args.model_def, "--model_def")
     _require(args.pretrained_model, "--pretrained_model")
-    mean = np.load(_require(args.mean_file, "--mean_file")) if args.mean_file else None
+    mean = None
+    if args.mean_file:
+        mean = _load_npy(_require(args.mean_file, "--mean_file"), "--mean_file")
     channel_swap = [int(s) for s in args.channel_swap.split(",")] if args.channel_swap else None
     return mean, channel_swap
 
@@ -91,7 +101,7 @@ def classify(args: argparse.Namespace) -> int:
     input_file = os.path.expanduser(args.input_file)
     if input_file.endswith("npy"):
         log.info("Loading file: %s", input_file)
-        inputs = np.load(input_file)
+        inputs = _load_npy(input_file, "input_file")
     elif os.path.isdir(input_file):
         log.info("Loading folder: %s", input_file)
         files = sorted(glob.glob(os.path.join(input_file, "*." + args.ext)))

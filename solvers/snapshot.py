@@ -11,19 +11,22 @@ resumed run bit-identical.
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
 import json
 import logging
 import os
-import tempfile
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+from google.protobuf.message import DecodeError
 
 from engine import caffe_pb2
 from engine.blob import blob_proto_array, blob_proto_shape
-from engine.errors import SolverError
-from engine.io import fill_blob_proto, read_binary, write_binary
+from engine.errors import MokaError, SolverError
+from engine.io import atomic_target, fill_blob_proto, read_binary, read_net_binary
 
 log = logging.getLogger("solvers")
 
@@ -32,59 +35,88 @@ HDF5 = caffe_pb2.SolverParameter.HDF5
 
 # -- atomic files --------------------------------------------------------------------------------
 def atomic_write(path: str, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp)`` on a temporary file beside ``path``, fsync it, then rename it over."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    os.close(fd)
+    """Call ``write(tmp)`` on a temporary file beside ``path``, fsync it, then rename it over.
+
+    The temporary name is hidden and ends in ``.tmp`` (``.lenet_iter_5.caffemodel.1a2b3c4d.tmp``),
+    so a write cut short leaves nothing that looks like a snapshot. An OSError (a full disk)
+    comes back as a SolverError naming ``path``.
+    """
     try:
-        write(tmp)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        if isinstance(exc, OSError):
-            raise SolverError(f"cannot write {path}: {exc.strerror or exc}") from exc
+        with atomic_target(path) as tmp:
+            write(tmp)
+    except MokaError as exc:
+        cause = exc.__cause__
+        if isinstance(cause, OSError):
+            raise SolverError(f"cannot write {path}: {_reason(cause)}") from cause
         raise
-    with contextlib.suppress(OSError):  # make the rename itself durable where we can
-        dir_fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+
+
+def _reason(exc: OSError) -> str:
+    if exc.errno == errno.ENOSPC:
+        return "No space left on device (free some disk space, then resume with --snapshot latest)"
+    return exc.strerror or str(exc)
+
+
+def _write_file(path: str, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def file_digest(path: str) -> tuple[int, str]:
+    """(size in bytes, SHA-256 hex) of a file, read in chunks."""
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+            size += len(chunk)
+    return size, digest.hexdigest()
 
 
 # -- writing -------------------------------------------------------------------------------------
 def snapshot(solver) -> tuple[str, str]:
-    """Write the model then the solver state for ``solver.iter``; returns their paths."""
+    """Write the model then the solver state for ``solver.iter``; returns their paths.
+
+    The order makes a pair safe to interrupt anywhere: a solverstate only ever names a model that
+    is completely on disk, and it records that model's size and SHA-256 (``moka_resume``), so a
+    model damaged later is caught on restore. If the state cannot be written, a model this call
+    created is removed again: the folder keeps only complete pairs plus the earlier ones.
+    """
     p = solver.param
     base = f"{p.snapshot_prefix}_iter_{solver.iter}"
     folder = os.path.dirname(base)
-    if folder and not os.path.isdir(folder):  # only engine train gets this far (validate.py)
+    if folder and not os.path.isdir(folder):
         log.info("Creating snapshot folder %s", folder)
         os.makedirs(folder, exist_ok=True)
     hdf5 = p.snapshot_format == HDF5
+    model = base + (".caffemodel.h5" if hdf5 else ".caffemodel")
+    path = base + (".solverstate.h5" if hdf5 else ".solverstate")
+    model_existed = os.path.exists(model)
     if hdf5:
-        model = base + ".caffemodel.h5"
         log.info("Snapshotting to HDF5 file %s", model)
         atomic_write(model, lambda tmp: _write_net_hdf5(solver.net, tmp, p.snapshot_diff))
+        size, sha256 = file_digest(model)
     else:
-        model = base + ".caffemodel"
         log.info("Snapshotting to binary proto file %s", model)
-        write_binary(solver.net.to_proto(p.snapshot_diff), model)
+        data = solver.net.to_proto(p.snapshot_diff).SerializeToString()
+        atomic_write(model, lambda tmp: _write_file(tmp, data))
+        size, sha256 = len(data), hashlib.sha256(data).hexdigest()
+        del data
     state = solver_state(solver, model)
-    if hdf5:
-        path = base + ".solverstate.h5"
-        log.info("Snapshotting solver state to HDF5 file %s", path)
-        atomic_write(path, lambda tmp: _write_state_hdf5(state, tmp))
-    else:
-        path = base + ".solverstate"
-        log.info("Snapshotting solver state to binary proto file %s", path)
-        write_binary(state, path)
+    state.moka_resume.learned_net_size = size
+    state.moka_resume.learned_net_sha256 = sha256
+    try:
+        if hdf5:
+            log.info("Snapshotting solver state to HDF5 file %s", path)
+            atomic_write(path, lambda tmp: _write_state_hdf5(state, tmp))
+        else:
+            log.info("Snapshotting solver state to binary proto file %s", path)
+            atomic_write(path, lambda tmp: _write_file(tmp, state.SerializeToString()))
+    except BaseException:
+        if not model_existed and not os.path.exists(path):
+            with contextlib.suppress(OSError):
+                os.remove(model)
+        raise
     return model, path
 
 
@@ -193,17 +225,31 @@ class StoredState:
 
 
 def read_state(path: str) -> StoredState:
+    """A .solverstate (binary or HDF5), read completely; damage is a SolverError naming it."""
     if not os.path.isfile(path):
         raise SolverError(f"solver state '{path}' does not exist")
     return _read_state_hdf5(path) if path.endswith(".h5") else _read_state_binary(path)
 
 
 def _read_state_binary(path: str) -> StoredState:
-    state = read_binary(path, caffe_pb2.SolverState)
-    history = [blob_proto_array(h, blob_proto_shape(h)) for h in state.history]
+    try:
+        state = read_binary(path, caffe_pb2.SolverState)
+    except MokaError as exc:
+        raise SolverError(str(exc)) from None
+    history = [_history_array(h, k, path) for k, h in enumerate(state.history)]
     resume = state.moka_resume if state.HasField("moka_resume") else None
     learned = state.learned_net if state.HasField("learned_net") else ""
     return StoredState(state.iter, learned, state.current_step, history, resume)
+
+
+def _history_array(proto, k: int, path: str) -> np.ndarray:
+    shape = blob_proto_shape(proto)
+    held = len(proto.double_data) or len(proto.data)
+    expected = int(np.prod(shape, dtype=np.int64))
+    if held != expected:
+        raise SolverError(f"{path}: history blob {k} declares shape {tuple(shape)} ({expected} "
+                          f"values) but holds {held}; the solver state is truncated or corrupt")
+    return blob_proto_array(proto, shape)
 
 
 def _read_state_hdf5(path: str) -> StoredState:
@@ -222,8 +268,9 @@ def _read_state_hdf5(path: str) -> StoredState:
                 resume.ParseFromString(f["moka_resume"][()].tobytes())
             return StoredState(_h5_int(f["iter"]), learned, _h5_int(f["current_step"]),
                                history, resume)
-    except (OSError, KeyError) as exc:
-        raise SolverError(f"cannot read HDF5 solver state '{path}': {exc}") from exc
+    except (OSError, KeyError, ValueError, DecodeError, UnicodeDecodeError) as exc:
+        raise SolverError(f"cannot read HDF5 solver state '{path}': the file is truncated or "
+                          f"corrupt ({exc})") from None
 
 
 def _h5_int(dataset) -> int:
@@ -246,35 +293,58 @@ def _load_weights_hdf5(net, path: str) -> None:
     """Caffe's CopyTrainedLayersFromHDF5; a shared (non-owner) blob may be missing."""
     import h5py
 
+    try:
+        with h5py.File(path, "r") as f:
+            _copy_hdf5_weights(net, f, path)
+    except (OSError, KeyError) as exc:
+        raise SolverError(f"cannot read HDF5 weights '{path}': the file is truncated or corrupt "
+                          f"({exc})") from None
+
+
+def _copy_hdf5_weights(net, f, path: str) -> None:
     layers = net.layer_dict
     owners = {id(blob) for blob in net.learnable_params}
-    with h5py.File(path, "r") as f:
-        for name, group in f["data"].items():
-            layer = layers.get(name)
-            if layer is None:
-                log.info("Ignoring source layer %s", name)
+    for name, group in f["data"].items():
+        layer = layers.get(name)
+        if layer is None:
+            log.info("Ignoring source layer %s", name)
+            continue
+        if len(group) > len(layer.blobs):
+            raise layer.error(f"Incompatible number of blobs: {len(group)} in '{path}', "
+                              f"{len(layer.blobs)} in the net")
+        for j, blob in enumerate(layer.blobs):
+            if str(j) not in group:
+                if id(blob) in owners:
+                    raise layer.error(f"Incompatible number of blobs: '{path}' has no "
+                                      f"param {j}")
                 continue
-            if len(group) > len(layer.blobs):
-                raise layer.error(f"Incompatible number of blobs: {len(group)} in '{path}', "
-                                  f"{len(layer.blobs)} in the net")
-            for j, blob in enumerate(layer.blobs):
-                if str(j) not in group:
-                    if id(blob) in owners:
-                        raise layer.error(f"Incompatible number of blobs: '{path}' has no "
-                                          f"param {j}")
-                    continue
-                values = np.asarray(group[str(j)][()])
-                if values.shape != blob.shape:
-                    raise layer.error(f"cannot copy param {j} weights: shape mismatch. Source "
-                                      f"param shape is {values.shape}; target param shape is "
-                                      f"{blob.shape}. Rename the layer to learn it anew.")
-                blob.data[...] = values
+            values = np.asarray(group[str(j)][()])
+            if values.shape != blob.shape:
+                raise layer.error(f"cannot copy param {j} weights: shape mismatch. Source "
+                                  f"param shape is {values.shape}; target param shape is "
+                                  f"{blob.shape}. Rename the layer to learn it anew.")
+            blob.data[...] = values
 
 
 # -- restoring -----------------------------------------------------------------------------------
+LATEST = "latest"  # restore("latest"): the newest complete pair under the snapshot prefix
+
+
 def restore(solver, path: str) -> None:
-    """Load ``path`` into ``solver``: weights (from learned_net), iter, history, resume block."""
-    stored = read_state(path)
+    """Load ``path`` into ``solver``: weights (from learned_net), iter, history, resume block.
+
+    ``path`` may be ``"latest"``: the newest complete snapshot under the solver's
+    ``snapshot_prefix``, skipping damaged ones with a warning (:func:`find_latest`). Both files
+    are read and checked in full before anything in the solver changes.
+    """
+    if path == LATEST:
+        found = find_latest(solver.param.snapshot_prefix, solver.param.snapshot_format == HDF5)
+        if found is None:
+            raise SolverError(f"no snapshot to resume from: nothing matches "
+                              f"'{solver.param.snapshot_prefix}_iter_N.solverstate[.h5]'")
+        path, stored, model = found
+    else:
+        stored, model = check_snapshot(path)
     expected = len(solver.state_names) * len(solver.state)
     if len(stored.history) != expected:
         hint = ""
@@ -284,8 +354,8 @@ def restore(solver, path: str) -> None:
         raise SolverError(f"Incorrect length of history blobs in '{path}': this "
                           f"{type(solver).__name__} solver expects {expected}, found "
                           f"{len(stored.history)}.{hint}")
-    if stored.learned_net:
-        load_weights(solver.net, _find_learned_net(stored.learned_net, path))
+    if model is not None:
+        load_weights(solver.net, model)
     solver.iter = stored.iter
     solver.current_step = stored.current_step
     _restore_history(solver, stored.history, path)
@@ -294,6 +364,95 @@ def restore(solver, path: str) -> None:
     else:  # a Caffe file: smoothing starts afresh, as it would in Caffe
         solver.losses, solver.loss_index, solver.smoothed_loss = [], 0, 0.0
     log.info("Restored solver state from %s at iteration %d", path, solver.iter)
+
+
+def check_snapshot(state_path: str) -> tuple[StoredState, str | None]:
+    """Read a solverstate completely and check the model it names; returns both.
+
+    The model must exist and be complete: when the state records the model's size and SHA-256
+    (every Moka snapshot does), the file must match them; otherwise (a file Caffe wrote) it must
+    parse in full. Any damage is a SolverError naming the file.
+    """
+    stored = read_state(state_path)
+    if not stored.learned_net:
+        return stored, None
+    model = _find_learned_net(stored.learned_net, state_path)
+    resume = stored.resume
+    if resume is not None and resume.HasField("learned_net_sha256"):
+        size = os.path.getsize(model)
+        if size != resume.learned_net_size:
+            raise SolverError(f"the model '{model}' is {size} bytes, but the solver state "
+                              f"'{state_path}' was written with one of "
+                              f"{resume.learned_net_size} bytes: the model is truncated or was "
+                              f"replaced")
+        if file_digest(model)[1] != resume.learned_net_sha256:
+            raise SolverError(f"the model '{model}' is not the one the solver state "
+                              f"'{state_path}' was written with (its SHA-256 differs): it is "
+                              f"corrupt or was replaced")
+    else:
+        try:
+            read_net_binary(model)  # binary or HDF5, by signature
+        except MokaError as exc:
+            raise SolverError(f"the model '{model}' named by '{state_path}' is unreadable: "
+                              f"{exc}") from None
+    return stored, model
+
+
+def snapshot_files(prefix: str) -> list[tuple[int, str]]:
+    """(iteration, path) of every ``<prefix>_iter_N.solverstate[.h5]``, newest first."""
+    folder, base = os.path.split(prefix)
+    pattern = re.compile(re.escape(base) + r"_iter_(\d+)\.solverstate(\.h5)?")
+    try:
+        names = os.listdir(folder or ".")
+    except OSError:
+        return []
+    found = [(int(m.group(1)), os.path.join(folder, name))
+             for name in names if (m := pattern.fullmatch(name))]
+    return sorted(found, reverse=True)
+
+
+def find_latest(prefix: str, prefer_hdf5: bool = False
+                ) -> tuple[str, StoredState, str | None] | None:
+    """The newest complete snapshot under ``prefix``: (solverstate path, its content, model path).
+
+    Damaged pairs are skipped with a warning naming the file and the fault. None when there is
+    no snapshot at all; a SolverError when every one is damaged. Temporary files that a killed
+    snapshot left behind (hidden, ``.tmp``) are removed on the way.
+    """
+    if not prefix:
+        raise SolverError("cannot look for the latest snapshot: the solver has no "
+                          "snapshot_prefix")
+    _remove_leftovers(prefix)
+    candidates = snapshot_files(prefix)
+    # at one iteration, the solver's own format first
+    candidates.sort(key=lambda c: (c[0], c[1].endswith(".h5") == prefer_hdf5), reverse=True)
+    damaged = []
+    for _, path in candidates:
+        try:
+            stored, model = check_snapshot(path)
+        except MokaError as exc:
+            log.warning("Skipping damaged snapshot %s: %s", path, exc)
+            damaged.append(path)
+            continue
+        if damaged:
+            log.warning("Resuming from %s, the newest complete snapshot", path)
+        return path, stored, model
+    if damaged:
+        raise SolverError(f"every snapshot under '{prefix}' is damaged ({', '.join(damaged)}); "
+                          f"see the warnings above")
+    return None
+
+
+def _remove_leftovers(prefix: str) -> None:
+    folder, base = os.path.split(prefix)
+    pattern = re.compile(r"\." + re.escape(base) +
+                         r"_iter_\d+\.(caffemodel|solverstate)(\.h5)?\.[0-9a-f]+\.tmp")
+    with contextlib.suppress(OSError):
+        for name in os.listdir(folder or "."):
+            if pattern.fullmatch(name):
+                log.info("Removing %s, left by an interrupted snapshot", name)
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(folder, name))
 
 
 def _find_learned_net(learned_net: str, state_path: str) -> str:

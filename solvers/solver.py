@@ -238,12 +238,22 @@ class Solver:
         self._callbacks.append((on_start, on_gradients_ready))
 
     def solve(self, resume_file: str | PathLike | None = None) -> None:
-        """Train to ``max_iter`` (Caffe's Solve), restoring ``resume_file`` first if given."""
+        """Train to ``max_iter`` (Caffe's Solve), restoring ``resume_file`` first if given.
+
+        ``resume_file="latest"`` resumes from the newest complete snapshot, or starts from
+        iteration 0 (with a warning) when there is no snapshot yet: one command line serves a
+        first start and every restart after a kill.
+        """
         p = self.param
         log.info("Solving %s", self.net.name)
         log.info("Learning Rate Policy: %s", p.lr_policy)
         self._early_exit = False
         try:
+            if resume_file == snapshots.LATEST and not snapshots.snapshot_files(
+                    p.snapshot_prefix):
+                log.warning("No snapshot under '%s' yet: starting from iteration 0",
+                            p.snapshot_prefix)
+                resume_file = None
             if resume_file:
                 log.info("Restoring previous solver status from %s", resume_file)
                 self.restore(resume_file)
@@ -496,7 +506,11 @@ class Solver:
         return snapshots.snapshot(self)
 
     def restore(self, path: str | PathLike) -> None:
-        """Resume from a ``.solverstate`` (or ``.solverstate.h5``) written by Moka or Caffe."""
+        """Resume from a ``.solverstate`` (or ``.solverstate.h5``) written by Moka or Caffe.
+
+        ``"latest"``: the newest complete snapshot under ``snapshot_prefix``, skipping damaged
+        ones with a warning.
+        """
         snapshots.restore(self, os.fspath(path))
 
     def __repr__(self) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import weakref
 from collections.abc import Iterable
 
@@ -20,6 +21,11 @@ from engine.blob import blob_proto_array, blob_proto_shape
 from engine.errors import DataError
 
 log = logging.getLogger(__name__)
+
+try:  # py-lmdb's registry of open environments (see _open_read_only); older versions lack it
+    from lmdb import _envid as _LMDB_ENVID
+except ImportError:
+    _LMDB_ENVID = None
 
 LEVELDB, LMDB = 0, 1  # DataParameter.DB
 
@@ -102,11 +108,43 @@ def _open_env(path: str, where: str) -> lmdb.Environment:
     env = _ENVIRONMENTS.get(key)
     if env is None:
         try:
-            env = lmdb.open(path, readonly=True, lock=False, max_readers=512)
+            env = _open_read_only(path)
         except lmdb.Error as exc:
-            raise DataError(f"{where}: cannot open LMDB '{path}': {exc}") from exc
+            hint = ""
+            if "already open" in str(exc):
+                hint = ("; this lmdb version allows one open per process: close your own "
+                        "lmdb.Environment for it (env.close()) before building the net")
+            raise DataError(f"{where}: cannot open LMDB '{path}': {exc}{hint}") from exc
         _ENVIRONMENTS[key] = env
     return env
+
+
+_GUARD_LOCK = threading.Lock()
+
+
+def _open_read_only(path: str) -> lmdb.Environment:
+    """A read-only, lock-free environment that a user's own ``lmdb.open`` does not collide with.
+
+    py-lmdb refuses to open an environment's files twice in one process, because LMDB's fcntl
+    locks on ``lock.mdb`` belong to the process: closing one copy would drop the other's. With
+    ``lock=False`` LMDB never opens ``lock.mdb`` nor takes a lock, so that hazard does not apply;
+    the environment is opened without entering py-lmdb's registry of open files, so a script
+    that opened the same LMDB itself (before or after) and a Data layer reading it both work.
+    """
+    envid = _LMDB_ENVID
+    if envid is None or not callable(getattr(envid, "env_keys", None)):
+        return lmdb.open(path, readonly=True, lock=False, max_readers=512)
+    with _GUARD_LOCK:
+        env_keys = envid.env_keys
+        envid.env_keys = _no_keys
+        try:
+            return lmdb.open(path, readonly=True, lock=False, max_readers=512)
+        finally:
+            envid.env_keys = env_keys
+
+
+def _no_keys(path, subdir) -> tuple:
+    return ()
 
 
 def write_lmdb(path: str, items: Iterable[tuple[bytes, bytes]], map_size: int = 1 << 26) -> int:

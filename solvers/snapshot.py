@@ -26,7 +26,7 @@ from google.protobuf.message import DecodeError
 from engine import caffe_pb2
 from engine.blob import blob_proto_array, blob_proto_shape
 from engine.errors import MokaError, SolverError
-from engine.io import atomic_target, fill_blob_proto, read_binary, read_net_binary
+from engine.io import atomic_target, fill_blob_proto, read_net_binary
 
 log = logging.getLogger("solvers")
 
@@ -111,7 +111,7 @@ def snapshot(solver) -> tuple[str, str]:
             atomic_write(path, lambda tmp: _write_state_hdf5(state, tmp))
         else:
             log.info("Snapshotting solver state to binary proto file %s", path)
-            atomic_write(path, lambda tmp: _write_file(tmp, state.SerializeToString()))
+            atomic_write(path, lambda tmp: _write_file(tmp, _sealed(state)))
     except BaseException:
         if not model_existed and not os.path.exists(path):
             with contextlib.suppress(OSError):
@@ -186,18 +186,41 @@ def _write_net_hdf5(net, path: str, write_diff: bool) -> None:
                         layer_group.create_dataset(str(j), data=getattr(blob, kind))
 
 
+def _sealed(state) -> bytes:
+    """The binary state followed by ``moka_sha256``, the SHA-256 of every byte before it."""
+    body = state.SerializeToString()
+    seal = caffe_pb2.SolverState(moka_sha256=hashlib.sha256(body).hexdigest())
+    return body + seal.SerializeToString()  # concatenated messages merge: one valid message
+
+
 def _write_state_hdf5(state, path: str) -> None:
-    """Caffe's SnapshotSolverStateToHDF5 layout, plus the resume block as an opaque dataset."""
+    """Caffe's SnapshotSolverStateToHDF5 layout, plus the resume block as an opaque dataset and
+    ``moka_sha256``, a digest of the content (:func:`_hdf5_state_digest`)."""
     import h5py
 
+    history_arrays = [blob_proto_array(h, blob_proto_shape(h)) for h in state.history]
+    resume = state.moka_resume.SerializeToString()
     with h5py.File(path, "w") as f:
         f.create_dataset("iter", data=np.array([state.iter], np.int32))
         _write_c_string(f, "learned_net", state.learned_net)
         f.create_dataset("current_step", data=np.array([state.current_step], np.int32))
         history = f.create_group("history")
-        for i, proto in enumerate(state.history):
-            history.create_dataset(str(i), data=blob_proto_array(proto, blob_proto_shape(proto)))
-        f.create_dataset("moka_resume", data=np.void(state.moka_resume.SerializeToString()))
+        for i, values in enumerate(history_arrays):
+            history.create_dataset(str(i), data=values)
+        f.create_dataset("moka_resume", data=np.void(resume))
+        digest = _hdf5_state_digest(state.iter, state.learned_net, state.current_step,
+                                    history_arrays, resume)
+        f.create_dataset("moka_sha256", data=np.bytes_(digest))
+
+
+def _hdf5_state_digest(iteration: int, learned_net: str, current_step: int,
+                       history: list[np.ndarray], resume: bytes) -> str:
+    digest = hashlib.sha256(f"{iteration}\0{learned_net}\0{current_step}\0".encode())
+    for values in history:
+        digest.update(f"{values.dtype.str}{values.shape}".encode())
+        digest.update(np.ascontiguousarray(values).tobytes())
+    digest.update(resume)
+    return digest.hexdigest()
 
 
 def _write_c_string(f, name: str, text: str) -> None:
@@ -233,9 +256,22 @@ def read_state(path: str) -> StoredState:
 
 def _read_state_binary(path: str) -> StoredState:
     try:
-        state = read_binary(path, caffe_pb2.SolverState)
-    except MokaError as exc:
-        raise SolverError(str(exc)) from None
+        with open(path, "rb") as f:
+            raw = f.read()
+        state = caffe_pb2.SolverState.FromString(raw)
+    except OSError as exc:
+        raise SolverError(f"cannot read solver state '{path}': {exc.strerror or exc}") from None
+    except (DecodeError, RuntimeError, ValueError) as exc:
+        raise SolverError(f"{path}: cannot parse as a binary SolverState: the file is truncated "
+                          f"or is not a .solverstate ({exc})") from None
+    if state.HasField("moka_sha256"):
+        seal = caffe_pb2.SolverState(moka_sha256=state.moka_sha256).SerializeToString()
+        if (not raw.endswith(seal)
+                or hashlib.sha256(raw[:-len(seal)]).hexdigest() != state.moka_sha256):
+            raise SolverError(f"{path}: the solver state is corrupt: its content does not match "
+                              f"the SHA-256 written with it")
+    elif state.moka_resume.HasField("learned_net_sha256"):  # Moka writes both, the seal last
+        raise SolverError(f"{path}: the solver state is truncated (it ends before its SHA-256)")
     history = [_history_array(h, k, path) for k, h in enumerate(state.history)]
     resume = state.moka_resume if state.HasField("moka_resume") else None
     learned = state.learned_net if state.HasField("learned_net") else ""
@@ -262,12 +298,19 @@ def _read_state_hdf5(path: str) -> StoredState:
                 learned = bytes(f["learned_net"][()]).rstrip(b"\0").decode()
             group = f["history"]
             history = [np.asarray(group[str(i)][()]) for i in range(len(group))]
-            resume = None
+            resume, raw = None, b""
             if "moka_resume" in f:
-                resume = caffe_pb2.MokaResumeState()
-                resume.ParseFromString(f["moka_resume"][()].tobytes())
-            return StoredState(_h5_int(f["iter"]), learned, _h5_int(f["current_step"]),
-                               history, resume)
+                raw = f["moka_resume"][()].tobytes()
+                resume = caffe_pb2.MokaResumeState.FromString(raw)
+            stored = StoredState(_h5_int(f["iter"]), learned, _h5_int(f["current_step"]),
+                                 history, resume)
+            if "moka_sha256" in f:
+                expected = bytes(f["moka_sha256"][()]).decode()
+                if _hdf5_state_digest(stored.iter, learned, stored.current_step, history,
+                                      raw) != expected:
+                    raise SolverError(f"{path}: the solver state is corrupt: its content does "
+                                      f"not match the SHA-256 written with it")
+            return stored
     except (OSError, KeyError, ValueError, DecodeError, UnicodeDecodeError) as exc:
         raise SolverError(f"cannot read HDF5 solver state '{path}': the file is truncated or "
                           f"corrupt ({exc})") from None

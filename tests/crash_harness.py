@@ -181,7 +181,8 @@ def kill_campaign(folder: Path, kills: int, seed: int = 0, timeout: float = 60.0
     return result
 
 
-def finish_and_compare(folder: Path, extra_iters: int = 7) -> tuple[int, list[str]]:
+def finish_and_compare(folder: Path, extra_iters: int = 7,
+                       hdf5: bool = False) -> tuple[int, list[str]]:
     """Resume once more and train to the end; compare with a run that was never killed.
 
     A second solver file stops ``extra_iters`` after the newest snapshot. The weights
@@ -193,11 +194,12 @@ def finish_and_compare(folder: Path, extra_iters: int = 7) -> tuple[int, list[st
 
     done = snapshot_iters(folder / "snap")
     max_iter = (done[-1] if done else 0) + extra_iters
-    write_run(folder, max_iter, name="finish.prototxt")
+    write_run(folder, max_iter, hdf5=hdf5, name="finish.prototxt")
     proc = train(folder, "finish.prototxt")
     if proc.wait(timeout=120) != 0:
         return max_iter, [f"the final resume failed; see {folder / 'train.log'}"]
-    final = read_net_binary(folder / "snap" / f"crash_iter_{max_iter}.caffemodel")
+    h5 = ".h5" if hdf5 else ""
+    final = read_net_binary(folder / "snap" / f"crash_iter_{max_iter}.caffemodel{h5}")
     write_run(folder, max_iter, every=0, name="reference.prototxt", prefix="reference/crash")
     cwd = os.getcwd()
     os.chdir(folder)  # the net's data list is relative

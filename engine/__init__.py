@@ -16,7 +16,7 @@ from engine.mode import (
     set_mode_gpu,
     set_random_seed,
 )
-from engine.net import Net
+from engine.net import Net, set_memory_limit
 from engine.python_layer import allow_python_layers, python_layers_allowed
 
 # isort: split
@@ -96,6 +96,7 @@ __all__ = [
     "python_layers_allowed",
     "register_layer",
     "set_device",
+    "set_memory_limit",
     "set_mode_cpu",
     "set_mode_gpu",
     "set_multiprocess",

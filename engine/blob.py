@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
@@ -32,6 +33,54 @@ def shape_only() -> Iterator[None]:
 def shape_only_active() -> bool:
     """Whether blobs are being built by :func:`shape_only` (fillers skip their work then)."""
     return _SHAPE_ONLY.get()
+
+
+class MemoryBudget:
+    """A byte budget that blobs charge before they allocate (see :func:`memory_budget`).
+
+    ``limit`` None means no limit. ``used`` counts the bytes of data and diff buffers allocated
+    while the budget was in force; a reshape that would pass ``limit`` raises
+    :class:`~engine.errors.ResourceError` before anything is allocated.
+    """
+
+    def __init__(self, limit: int | None) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def charge(self, nbytes: int, shape: tuple[int, ...]) -> None:
+        if self.limit is not None and self.used + nbytes > self.limit:
+            from engine.errors import ResourceError
+
+            raise ResourceError(
+                f"a blob of shape {shape} needs {format_bytes(nbytes)} (data and diff); with "
+                f"the {format_bytes(self.used)} already set up that passes the memory limit of "
+                f"{format_bytes(self.limit)} (set it with --memory-limit or "
+                "engine.set_memory_limit)", shape=shape, nbytes=nbytes)
+        self.used += nbytes
+
+
+_BUDGET: contextvars.ContextVar[MemoryBudget | None] = contextvars.ContextVar(
+    "moka_blob_budget", default=None)
+
+
+@contextlib.contextmanager
+def memory_budget(budget: MemoryBudget | None) -> Iterator[MemoryBudget | None]:
+    """Blobs that grow inside this block charge ``budget`` first (a Net's set-up and passes)."""
+    token = _BUDGET.set(budget)
+    try:
+        yield budget
+    finally:
+        _BUDGET.reset(token)
+
+
+def format_bytes(n: int) -> str:
+    """``1536`` → ``'1.5 KiB'``: byte counts for messages."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if value < 1024 or unit == "PiB":
+            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"  # pragma: no cover
 
 
 def _as_shape(dims: Sequence[int] | Iterable[int]) -> tuple[int, ...]:
@@ -96,8 +145,11 @@ class Blob:
             return
         if shape == self.data.shape and self.data.base is self._data_buf:
             return
-        count = int(np.prod(shape, dtype=np.int64))
+        count = math.prod(shape)  # Python ints: no int64 overflow for absurd dims
         if count > self._data_buf.size:
+            budget = _BUDGET.get()
+            if budget is not None:
+                budget.charge(2 * (count - self._data_buf.size) * self.dtype.itemsize, shape)
             self._data_buf = np.zeros(count, self.dtype)
             self._diff_buf = np.zeros(count, self.dtype)
         self.data = self._data_buf[:count].reshape(shape)

@@ -354,6 +354,12 @@ def _gpu_flag(parser: argparse.ArgumentParser) -> None:
                         "runs on the CPU only (a warning says so)")
 
 
+def _memory_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--memory-limit", "--memory_limit", metavar="SIZE",
+                        help="refuse nets whose blobs need more (bytes, 512M, 4G, or 'none'); "
+                             "default: the machine's available memory")
+
+
 def _progress_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no_progress", action="store_true",
                         help="no live progress line on a terminal (log lines only)")
@@ -389,6 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--weights", help="caffemodel(s) to fine-tune from, comma separated")
     _net_state_flags(p)
     _gpu_flag(p)
+    _memory_flag(p)
     _python_flag(p)
     _progress_flag(p)
     for signal_name, default in (("sigint", "stop"), ("sighup", "snapshot")):
@@ -402,6 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=int, default=50, help="batches to score")
     _net_state_flags(p)
     _gpu_flag(p)
+    _memory_flag(p)
     _python_flag(p)
     _progress_flag(p)
 
@@ -412,6 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the phase to build the net in (default TRAIN)")
     _net_state_flags(p)
     _gpu_flag(p)
+    _memory_flag(p)
     _python_flag(p)
 
     p = _add_command(subparsers, device_query, "device_query")
@@ -518,7 +527,10 @@ def main(argv: list[str] | None = None) -> int:
     with _LogSetup(level, args.status), python_layers_allowed(allow_python):
         try:
             try:
-                return args.func(args)
+                from engine.net import memory_limit
+
+                with memory_limit(getattr(args, "memory_limit", None) or "default"):
+                    return args.func(args)
             finally:
                 if args.status is not None:  # before any error line: it must not share a line
                     args.status.clear()

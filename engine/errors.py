@@ -28,3 +28,15 @@ class DataError(MokaError):
 
 class SolverError(MokaError):
     """A solver file or snapshot that cannot be used."""
+
+
+class ResourceError(MokaError):
+    """A net that would need more memory than the limit allows; raised before allocating.
+
+    ``shape`` and ``nbytes`` are the blob that did not fit (the Net adds the layer's name).
+    """
+
+    def __init__(self, message: str, shape: tuple[int, ...] = (), nbytes: int = 0) -> None:
+        super().__init__(message)
+        self.shape = shape
+        self.nbytes = nbytes

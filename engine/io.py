@@ -75,6 +75,9 @@ def parse_text(text: str | bytes, message: M | type[M], source: str = "<string>"
     try:
         text_format.Parse(text, message)
     except text_format.ParseError as e:
+        unbalanced = _unbalanced_braces(text, source, e.GetLine())
+        if unbalanced is not None:  # protobuf's message would blame a healthy field
+            raise unbalanced from None
         raise _parse_error(e, text, message, source) from None
     return message
 
@@ -92,6 +95,63 @@ def _decode(data: bytes, source: str) -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError:
         return data.decode("latin-1")  # old files carry Latin-1 in comments
+
+
+def _brace_scan(text: str, stop: int | None = None
+                ) -> tuple[list[tuple[int, int, str]], tuple[int, int] | None]:
+    """Walk ``text`` (up to offset ``stop``) outside strings and comments.
+
+    Returns the blocks still open there, innermost last, as (line, column, opening words), and
+    the (line, column) of the first ``}`` that closes nothing, if any.
+    """
+    stack: list[tuple[int, int, str]] = []
+    line, line_start, i, n = 1, 0, 0, len(text) if stop is None else min(stop, len(text))
+    while i < n:
+        c = text[i]
+        if c == "\n":
+            line, line_start = line + 1, i + 1
+        elif c == "#":
+            end = text.find("\n", i)
+            i = n if end < 0 else end
+            continue
+        elif c in "\"'":
+            j = i + 1
+            while j < n and text[j] != c and text[j] != "\n":
+                j += 2 if text[j] == "\\" else 1
+            i = j + 1 if j < n and text[j] == c else j
+            continue
+        elif c in "{<":
+            words = text[line_start:i].strip().rstrip(":").strip()
+            stack.append((line, i - line_start + 1, f"{words} {c}".strip()))
+        elif c in "}>":
+            if not stack:
+                return stack, (line, i - line_start + 1)
+            stack.pop()
+        i += 1
+    return stack, None
+
+
+def _unbalanced_braces(text: str, source: str, error_line: int = 0) -> ParseError | None:
+    """A ParseError for a ``{`` never closed or a ``}`` that closes nothing, else None.
+
+    A stray ``}`` after the line protobuf failed on is left to protobuf's message: a missing
+    ``{`` (``shape dim: 1 }``) is reported best where the parser first stumbled.
+    """
+    stack, stray = _brace_scan(text)
+    if stray is not None and error_line and error_line < stray[0]:
+        return None
+    if stray is not None:
+        line, col = stray
+        return ParseError(f"{source}:{line}:{col}: unbalanced braces: this '}}' closes no open "
+                          "block; remove it, or add the '{' it was meant to close")
+    if stack:
+        line, col, words = stack[-1]
+        more = (f" ({len(stack)} blocks are open at the end of the file, the outermost from "
+                f"line {stack[0][0]})" if len(stack) > 1 else "")
+        return ParseError(f"{source}:{line}:{col}: unbalanced braces: the block '{words}' "
+                          f"opened on line {line} is never closed; a '}}' is missing at its "
+                          f"end or inside it{more}")
+    return None
 
 
 def _parse_error(e: text_format.ParseError, text: str, message: Message,
@@ -261,8 +321,9 @@ def _read_net_hdf5(path: str) -> caffe_pb2.NetParameter:
                 if not isinstance(group, h5py.Group):
                     raise ParseError(f"{path}: /data/{name} is not a group of blobs")
                 _read_hdf5_blobs(group, layer, path)
-    except OSError as e:
-        raise ParseError(f"{path}: cannot read HDF5 model: {e}") from None
+    except (OSError, RuntimeError, ValueError, KeyError, TypeError) as e:
+        raise ParseError(f"{path}: cannot read HDF5 model (truncated or corrupt?): "
+                         f"{type(e).__name__}: {e}") from None
     return net
 
 

@@ -146,7 +146,10 @@ class Layer:
         for shape, filler in specs:
             blob = Blob(shape, self.dtype)
             if filler is not None and not shape_only_active():  # engine summary: no values
-                blob.data[...] = fill(blob.shape, filler, self.rng)
+                try:
+                    blob.data[...] = fill(blob.shape, filler, self.rng)
+                except NetError as exc:  # unknown filler type, sparse on a non-gaussian one
+                    raise self.error(f"parameter blob {len(self.blobs)}: {exc}") from exc
             self.blobs.append(blob)
 
     def _load_stored(self, i: int, shape: Sequence[int], specs: Sequence) -> Blob:

@@ -9,17 +9,26 @@ and bottoms need backward. The public surface is pycaffe's (``blobs``, ``params`
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import re
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from os import PathLike
 
 import numpy as np
 
 from engine import caffe_pb2, debug_info, mode
-from engine.blob import Blob, blob_proto_array, blob_proto_shape, legacy_shape_matches
-from engine.errors import MokaError, NetError
+from engine.blob import (
+    Blob,
+    MemoryBudget,
+    blob_proto_array,
+    blob_proto_shape,
+    legacy_shape_matches,
+    memory_budget,
+)
+from engine.errors import MokaError, NetError, ResourceError
 from engine.graph import filter_net, insert_splits
 from engine.in_place import plan_in_place
 from engine.layer import TEST, TRAIN, Layer, create_layer
@@ -40,20 +49,88 @@ def make_state(net_param, phase: int, level: int = 0, stages: Iterable[str] = ()
     return state
 
 
+# The memory limit nets are built under when they name none: "available" (the machine's
+# available memory, read when each net is built), a byte count, or None for no limit.
+_memory_limit: int | str | None = "available"
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def available_memory() -> int | None:
+    """The machine's available memory in bytes (``MemAvailable`` in /proc/meminfo), or None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def parse_memory_limit(value: int | str | None) -> int | str | None:
+    """``4G``, ``512M``, ``1000000`` (bytes), ``available`` or ``none``: a limit for nets."""
+    if value is None or isinstance(value, int):
+        if isinstance(value, int) and value <= 0:
+            raise MokaError(f"a memory limit must be positive; got {value}")
+        return value
+    text = str(value).strip().upper().removesuffix("IB").removesuffix("B")
+    if text in ("AVAILABLE", "NONE", "OFF"):
+        return "available" if text == "AVAILABLE" else None
+    unit = text[-1:] if text[-1:] in _SIZE_UNITS else ""
+    try:
+        amount = float(text[:len(text) - len(unit)])
+    except ValueError:
+        amount = -1.0
+    if not amount > 0 or amount == float("inf"):
+        raise MokaError(f"cannot read the memory limit {value!r}: give bytes or a size such as "
+                        "512M, 4G or 1.5T, 'available' or 'none'")
+    return int(amount * _SIZE_UNITS[unit])
+
+
+def set_memory_limit(limit: int | str | None) -> None:
+    """The memory limit for nets built from now on (see :func:`parse_memory_limit`).
+
+    Set-up refuses, before allocating, a net whose parameters and activations (data and diff)
+    would pass it, naming the layer, the shape and the bytes. The default is "available".
+    """
+    global _memory_limit
+    _memory_limit = parse_memory_limit(limit)
+
+
+@contextlib.contextmanager
+def memory_limit(limit: int | str | None) -> Iterator[None]:
+    """:func:`set_memory_limit` for the nets built inside the block ("default": unchanged)."""
+    global _memory_limit
+    saved = _memory_limit
+    if limit != "default":
+        set_memory_limit(limit)
+    try:
+        yield
+    finally:
+        _memory_limit = saved
+
+
+def _resolve_memory_limit(limit: int | str | None) -> int | None:
+    limit = parse_memory_limit(limit)
+    return available_memory() if limit == "available" else limit  # type: ignore[return-value]
+
+
 class Net:
     """A Caffe net. ``Net(model, phase, weights=None, level=0, stages=())``.
 
     pycaffe's older ``Net(model, weights, phase)`` form is accepted too. ``model`` is a prototxt
     path or a NetParameter; ``state`` (a NetState) overrides phase/level/stages when given.
     ``allow_python`` lets the net's ``Python`` layers run user code (None: the process-wide
-    switch decides; see engine.python_layer).
+    switch decides; see engine.python_layer). ``memory_limit`` (bytes, "4G", "none") bounds
+    what the net's blobs may allocate; the default is :func:`set_memory_limit`'s.
     """
 
     def __init__(self, model=None, *args, weights: str | PathLike | None = None, level: int = 0,
                  stages: Sequence[str] | None = (), phase: int | None = None, state=None,
                  rng: np.random.Generator | None = None, dtype=np.float32,
                  allow_python: bool | None = None,
-                 network_file: str | PathLike | None = None) -> None:
+                 network_file: str | PathLike | None = None,
+                 memory_limit: int | str | None = "default") -> None:
         phase, weights = _phase_and_weights(args, phase, weights)
         from engine.io import read_net_param  # io imports net-free helpers only
 
@@ -73,8 +150,15 @@ class Net:
         self.debug_info = net_param.debug_info  # Caffe's per-layer norms (engine/debug_info.py)
         is_file = isinstance(model, str | PathLike) and os.path.isfile(model)
         folders = [os.path.dirname(os.path.abspath(model))] if is_file else []
-        with python_layers_allowed(allow_python, folders):
-            self._build(insert_splits(filter_net(net_param, state)))
+        limit = _memory_limit if memory_limit == "default" else memory_limit
+        self._budget = MemoryBudget(_resolve_memory_limit(limit))
+        with python_layers_allowed(allow_python, folders), memory_budget(self._budget):
+            try:
+                self._build(insert_splits(filter_net(net_param, state)))
+            except NetError as exc:
+                if is_file:
+                    _name_the_file(exc, os.fspath(model))
+                raise
         if weights is not None:
             self.copy_from(weights)
 
@@ -136,10 +220,13 @@ class Net:
         try:
             layer.setup(bottom, top)
             layer.reshape(bottom, top)
+        except ResourceError as exc:
+            raise layer.error(f"cannot be set up: {exc}") from exc
         except MokaError:
             raise
-        except (ValueError, IndexError, TypeError) as exc:
-            raise layer.error(f"could not be set up: {exc}") from exc
+        except (ValueError, IndexError, TypeError, ArithmeticError, MemoryError) as exc:
+            raise layer.error(f"could not be set up: {type(exc).__name__}: {exc}") from exc
+        self._check_sizes(layer, top, top_names)
         for name, blob in zip(top_names, top, strict=True):
             dims = "".join(f"{d} " for d in blob.shape)  # Caffe's shape_string: "64 20 24 24 "
             log.info("Top shape: %s(%d) [%s]", dims, blob.count, name)
@@ -149,6 +236,17 @@ class Net:
         self.layer_need_backward.append(layer_need)
         for name in top_names:
             self._blob_need_backward[name] = layer_need
+
+    def _check_sizes(self, layer: Layer, top: list[Blob], top_names: list[str]) -> None:
+        """Refuse zero-sized tops and parameters at set-up, naming the layer and the blob."""
+        for name, blob in zip(top_names, top, strict=True):
+            if 0 in blob.shape:
+                raise layer.error(f"top '{name}' would have shape {blob.shape}, with a zero-sized "
+                                  "axis; check the layer's parameters and its bottoms' shapes")
+        for j, blob in enumerate(layer.blobs):
+            if 0 in blob.shape:
+                raise layer.error(f"parameter blob {j} would have shape {blob.shape}, with a "
+                                  "zero-sized axis; check num_output, kernel and input sizes")
 
     def _wire_bottoms(self, layer: Layer, layer_param) -> tuple[list[Blob], list[bool]]:
         bottom, need = [], []
@@ -307,9 +405,13 @@ class Net:
             for run in self._before_forward:
                 run(i)
             layer, bottom, top = self.layers[i], self.bottom_vecs[i], self.top_vecs[i]
-            layer.reshape(bottom, top)
-            self._in_place.copy_values(i)
-            layer.forward(bottom, top)
+            with memory_budget(self._budget):
+                try:
+                    layer.reshape(bottom, top)
+                    self._in_place.copy_values(i)
+                    layer.forward(bottom, top)
+                except (ResourceError, MemoryError) as exc:  # a batch that grew past the limit
+                    raise layer.error(f"forward: {type(exc).__name__}: {exc}") from exc
             if self.debug_info:
                 debug_info.forward(self, i)
             for run in self._after_forward:
@@ -409,9 +511,13 @@ class Net:
 
     def reshape(self) -> None:
         """Propagate shapes after a blob was reshaped (pycaffe's ``net.reshape()``)."""
-        for layer, bottom, top in zip(self.layers, self.bottom_vecs, self.top_vecs,
-                                      strict=True):
-            layer.reshape(bottom, top)
+        with memory_budget(self._budget):
+            for layer, bottom, top in zip(self.layers, self.bottom_vecs, self.top_vecs,
+                                          strict=True):
+                try:
+                    layer.reshape(bottom, top)
+                except ResourceError as exc:
+                    raise layer.error(str(exc)) from exc
 
     def clear_param_diffs(self) -> None:
         for blob in self.learnable_params:
@@ -616,6 +722,25 @@ class Net:
     def __repr__(self) -> str:
         phase = "TRAIN" if self.phase == TRAIN else "TEST"
         return f"<Net '{self.name}' {phase}: {len(self.layers)} layers>"
+
+
+def _name_the_file(exc: NetError, path: str) -> None:
+    """Prefix ``exc``'s message with ``path`` and the line where the layer it names begins."""
+    message = str(exc)
+    if message.startswith(path):
+        return
+    where = path
+    match = re.match(r"layer '([^']*)'", message)
+    if match:
+        try:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                text = f.read()
+        except OSError:
+            text = ""
+        found = re.search(r'\bname\s*:\s*["\']' + re.escape(match.group(1)) + r'["\']', text)
+        if found:
+            where += f":{text.count(chr(10), 0, found.start()) + 1}"
+    exc.args = (f"{where}: {message}", *exc.args[1:])
 
 
 def _phase_and_weights(args: tuple, phase, weights):

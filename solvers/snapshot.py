@@ -275,6 +275,9 @@ def _read_state_binary(path: str) -> StoredState:
     history = [_history_array(h, k, path) for k, h in enumerate(state.history)]
     resume = state.moka_resume if state.HasField("moka_resume") else None
     learned = state.learned_net if state.HasField("learned_net") else ""
+    if not isinstance(learned, str):  # protobuf hands back bytes that are not UTF-8
+        raise SolverError(f"solver state '{path}': its learned_net {learned[:60]!r} is not "
+                          "UTF-8 text; the file is corrupt")
     return StoredState(state.iter, learned, state.current_step, history, resume)
 
 
@@ -403,7 +406,11 @@ def restore(solver, path: str) -> None:
     solver.current_step = stored.current_step
     _restore_history(solver, stored.history, path)
     if stored.resume is not None:
-        apply_resume_state(solver, stored.resume)
+        try:
+            apply_resume_state(solver, stored.resume)
+        except (ValueError, TypeError, KeyError, IndexError, OverflowError) as exc:
+            raise SolverError(f"solver state '{path}': the saved random state or data "
+                              f"positions are corrupt ({type(exc).__name__}: {exc})") from None
     else:  # a Caffe file: smoothing starts afresh, as it would in Caffe
         solver.losses, solver.loss_index, solver.smoothed_loss = [], 0, 0.0
     log.info("Restored solver state from %s at iteration %d", path, solver.iter)
@@ -553,7 +560,12 @@ def apply_resume_state(solver, resume) -> None:
 
 def _layer_state_dict(layer_state) -> dict:
     if layer_state.json_state:
-        return json.loads(layer_state.json_state)
+        try:
+            return json.loads(layer_state.json_state)
+        except ValueError as exc:
+            raise SolverError(f"the solver state's saved position of data layer "
+                              f"'{layer_state.layer_name}' is not valid "
+                              f"JSON ({exc}); the file is corrupt") from None
     state: dict = {}
     for field in ("cursor", "epoch"):
         if layer_state.HasField(field):

@@ -45,7 +45,7 @@ def model(seed: int = 0) -> caffe_pb2.NetParameter:
      "belongs inside a block such as convolution_param"),
     ('layer {\n  name: "c"\n  blobs_lr: 1\n}\n', "3:3", "param { lr_mult: ... }"),
     ('layers {\n  name: "c"\n  type: "Convolution"\n}\n', "3:9", "did you mean CONVOLUTION"),
-    ('layer {\n  name: "c"\n  top: "x"\n', "3:8", 'Expected "}"'),
+    ('layer {\n  name: "c"\n  top: "x"\n', "1:7", "'layer {' opened on line 1 is never closed"),
     ('layer {\n  name: c\n}\n', "2:9", "Expected string but found: 'c'; strings take quotes"),
     ('layer {\n  type: CONVOLUTION\n}\n', "2:9", 'quoted strings: type: "Convolution"'),
     ('input_dim: 1.5\n', "1:12", "Couldn't parse integer"),

@@ -1,0 +1,193 @@
+"""Hostile input: absurd shapes refused before allocation, unbalanced braces, unknown fillers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import engine
+from engine import caffe_pb2
+from engine.blob import Blob, MemoryBudget, format_bytes, memory_budget
+from engine.cli import main
+from engine.errors import LayerError, ParseError, ResourceError
+from engine.io import parse_text, read_net_param
+from engine.net import memory_limit, parse_memory_limit
+
+REPO = Path(__file__).resolve().parent.parent
+LENET = (REPO / "models/lenet/lenet.prototxt").read_text()
+
+
+def write_net(tmp_path: Path, text: str, name: str = "net.prototxt") -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.fixture
+def no_allocation(monkeypatch):
+    """Fail the test if a blob buffer bigger than 1 GiB is ever requested."""
+    real = np.zeros
+
+    def guarded(shape, *args, **kwargs):
+        count = int(np.prod(shape, dtype=object)) if np.ndim(shape) else int(shape)
+        assert count < (1 << 28), f"allocated {shape} before refusing"
+        return real(shape, *args, **kwargs)
+
+    monkeypatch.setattr("engine.blob.np.zeros", guarded)
+
+
+@pytest.mark.parametrize(("old", "new", "layer", "shape"), [
+    ("dim: 1 dim: 1 dim: 8 dim: 8", "dim: 1 dim: 1 dim: 1000000000000 dim: 8", "data",
+     "(1, 1, 1000000000000, 8)"),
+    ("num_output: 500", "num_output: 1000000000", "ip1", "(1000000000, 200)"),
+    ("num_output: 20", "num_output: 1000000000", "conv1", "(1000000000, 1, 3, 3)"),
+])
+def test_absurd_shapes_are_refused_before_allocation(tmp_path, no_allocation, old, new, layer,
+                                                     shape):
+    path = write_net(tmp_path, LENET.replace(old, new, 1))
+    with memory_limit(1 << 30), pytest.raises(LayerError) as info:
+        engine.Net(path, engine.TEST)
+    message = str(info.value)
+    assert info.value.layer_name == layer
+    assert message.startswith(f"{path}:")  # the file, then the line where the layer begins
+    assert f"layer '{layer}'" in message and shape in message
+    assert "memory limit of 1.0 GiB" in message and "needs" in message
+
+
+def test_the_default_limit_is_the_available_memory(tmp_path, no_allocation):
+    path = write_net(tmp_path, LENET.replace("num_output: 500", "num_output: 4000000000"))
+    with pytest.raises(LayerError, match=r"layer 'ip1'.*\(4000000000, 200\).*memory limit"):
+        engine.Net(path, engine.TEST)
+
+
+def test_a_limit_given_to_the_net_wins_and_a_fitting_net_builds(tmp_path):
+    path = write_net(tmp_path, LENET)
+    with pytest.raises(LayerError, match=r"layer 'ip1'.*memory limit of 100.0 KiB"):
+        engine.Net(path, engine.TEST, memory_limit="100K")
+    net = engine.Net(path, engine.TEST, memory_limit="64M")
+    assert net.forward()["prob"].shape == (1, 10)
+
+
+def test_a_batch_grown_past_the_limit_in_forward_names_the_layer(tmp_path):
+    net = engine.Net(write_net(tmp_path, LENET), engine.TEST, memory_limit="2M")
+    net.blobs["data"].reshape(4000, 1, 8, 8)  # the input itself is the caller's, outside the net
+    with pytest.raises(LayerError, match=r"layer 'conv1'.*forward.*memory limit"):
+        net.forward()
+
+
+@pytest.mark.parametrize(("old", "new", "layer"), [
+    ("dim: 1 dim: 1 dim: 8", "dim: 1 dim: 0 dim: 8", "data"),
+    ("dim: 1 dim: 1 dim: 8", "dim: 0 dim: 1 dim: 8", "data"),
+])
+def test_zero_sized_axes_are_refused_at_setup(tmp_path, old, new, layer):
+    path = write_net(tmp_path, LENET.replace(old, new, 1))
+    with pytest.raises(LayerError, match=f"layer '{layer}'.*zero-sized axis") as info:
+        engine.Net(path, engine.TEST)
+    assert str(info.value).startswith(path)
+
+
+def test_negative_dims_are_refused_with_the_layer_named(tmp_path):
+    path = write_net(tmp_path, LENET.replace("dim: 1 dim: 1 dim: 8", "dim: 1 dim: -3 dim: 8"))
+    with pytest.raises(LayerError, match=r"layer 'data'.*non-negative"):
+        engine.Net(path, engine.TEST)
+
+
+def test_the_budget_counts_data_and_diff_and_only_growth():
+    budget = MemoryBudget(limit=10_000)
+    with memory_budget(budget):
+        blob = Blob((10, 10))
+        assert budget.used == 2 * 100 * 4
+        blob.reshape(5, 10)  # shrinking keeps the buffer: nothing charged
+        assert budget.used == 800
+        with pytest.raises(ResourceError) as info:
+            blob.reshape(100, 100)
+    assert info.value.shape == (100, 100) and info.value.nbytes == 2 * (10_000 - 100) * 4
+    assert blob.shape == (5, 10)  # refused before anything changed
+
+
+def test_memory_limit_spellings():
+    assert parse_memory_limit("512M") == 512 << 20
+    assert parse_memory_limit("1.5G") == 3 << 29
+    assert parse_memory_limit("4096") == 4096
+    assert parse_memory_limit("none") is None
+    assert parse_memory_limit("available") == "available"
+    for bad in ("-1", "lots", "0", "inf"):
+        with pytest.raises(engine.MokaError, match="memory limit"):
+            parse_memory_limit(bad)
+    assert format_bytes(3 << 40) == "3.0 TiB"
+
+
+def test_cli_memory_limit_flag(tmp_path, capsys):
+    path = write_net(tmp_path, LENET)
+    assert main(["time", "--model", path, "--iterations", "1", "--memory-limit", "100K",
+                 "-q"]) == 1
+    err = capsys.readouterr().err
+    assert "layer 'ip1'" in err and "memory limit of 100.0 KiB" in err
+    assert "internal error" not in err
+    assert main(["time", "--model", path, "--iterations", "1", "-q"]) == 0  # flag not sticky
+
+
+def test_cli_num_output_1e9_is_a_clear_error(tmp_path, capsys):
+    path = write_net(tmp_path, LENET.replace("num_output: 500", "num_output: 1000000000"))
+    assert main(["time", "--model", path, "--iterations", "1", "-q"]) == 1
+    err = capsys.readouterr().err
+    assert "internal error" not in err and "MemoryError" not in err
+    assert "layer 'ip1'" in err and "(1000000000, 200)" in err
+
+
+# -- parse errors -------------------------------------------------------------------------------
+def _drop_closing_brace_of(text: str, layer: str) -> tuple[str, int]:
+    """``text`` without the ``}`` closing layer ``layer``; returns it and the layer's line."""
+    lines = text.splitlines(keepends=True)
+    start = next(i for i, line in enumerate(lines) if f'name: "{layer}"' in line) - 1
+    assert lines[start].startswith("layer {")
+    end = next(i for i in range(start + 1, len(lines)) if lines[i].startswith("}"))
+    del lines[end]
+    return "".join(lines), start + 1
+
+
+def test_a_missing_brace_in_the_middle_names_the_open_block(tmp_path):
+    text, line = _drop_closing_brace_of(LENET, "conv1")
+    path = write_net(tmp_path, text)
+    with pytest.raises(ParseError) as info:
+        read_net_param(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}:{line}:")
+    assert f"'layer {{' opened on line {line} is never closed" in message
+    assert "has no field named" not in message  # protobuf blames the next, healthy, layer
+
+
+def test_a_stray_closing_brace_is_reported_as_such():
+    text = LENET.replace("stride: 2 }", "stride: 2 }}", 1)
+    with pytest.raises(ParseError, match=r"<string>:\d+:\d+: unbalanced braces: this '}' closes"):
+        parse_text(text, caffe_pb2.NetParameter)
+
+
+def test_braces_in_strings_and_comments_do_not_count():
+    text = '# a { in a comment\nname: "a { b"\nlayer { name: "x" type: "Input" top: "x" }\n'
+    net = parse_text(text, caffe_pb2.NetParameter)
+    assert net.name == "a { b"
+    bad = text + 'layer { name: "}" bottom: "x" top: "x" type: "ReLU"\n'
+    with pytest.raises(ParseError, match=r"4:7: unbalanced braces.*'layer {' opened on line 4"):
+        parse_text(bad, caffe_pb2.NetParameter)
+
+
+def test_an_unknown_filler_names_the_layer_and_the_file(tmp_path):
+    text = LENET.replace("num_output: 500 }", 'num_output: 500 weight_filler { type: "Foo" } }')
+    path = write_net(tmp_path, text)
+    with pytest.raises(LayerError) as info:
+        engine.Net(path, engine.TEST)
+    message = str(info.value)
+    assert message.startswith(f"{path}:")
+    assert "layer 'ip1' (InnerProduct)" in message and "unknown filler type 'Foo'" in message
+    assert "xavier" in message  # the known ones
+
+
+def test_layer_errors_from_a_file_give_the_layer_line(tmp_path):
+    text = LENET.replace('bottom: "pool2"', 'bottom: "pool9"')
+    path = write_net(tmp_path, text)
+    line = text.splitlines().index('  name: "ip1"') + 1
+    with pytest.raises(engine.errors.NetError, match=rf"^{path}:{line}: layer 'ip1'.*'pool9'"):
+        engine.Net(path, engine.TEST)

@@ -318,6 +318,20 @@ def _ops(rnd: random.Random, n: int | None = None) -> list[tuple[int, int, int]]
             for _ in range(n)]
 
 
+def _sealed(state) -> bytes:
+    """A mutated SolverState re-sealed with its SHA-256, so the checks behind the seal run."""
+    import hashlib
+
+    from engine import caffe_pb2
+
+    if "moka_sha256" not in state.DESCRIPTOR.fields_by_name:
+        return state.SerializeToString()
+    state.ClearField("moka_sha256")
+    body = state.SerializeToString()
+    seal = caffe_pb2.SolverState(moka_sha256=hashlib.sha256(body).hexdigest())
+    return body + seal.SerializeToString()
+
+
 def random_case(rnd: random.Random) -> tuple[str, int, list[tuple[int, int, int]]]:
     """A case as plain data: (kind, variant seed, mutation ops)."""
     return rnd.choice(KINDS), rnd.randrange(1 << 16), _ops(rnd)
@@ -374,7 +388,7 @@ def run_case(seeds: Seeds, case: tuple[str, int, list], work: Path) -> list[str]
         if structural:
             message = message_type.FromString(data)
             mutate_message(message, ops)
-            data = message.SerializeToString()
+            data = _sealed(message) if kind == "solverstate" else message.SerializeToString()
         else:
             data = mutate_bytes(data, ops)
         path = work / source

@@ -122,6 +122,15 @@ def _warn_gpu(args: argparse.Namespace) -> None:
 # -- train -----------------------------------------------------------------------------------
 def train(args: argparse.Namespace) -> int:
     """Train or fine-tune a model from a solver prototxt."""
+    from engine import distributed  # mpiexec -n K: one rank of a data-parallel job
+
+    group = distributed.connect(force=args.mpi)
+    if group is None:
+        return _train(args, None)
+    return distributed.run_rank(group, lambda: _train(args, group), verbose=args.verbose)
+
+
+def _train(args: argparse.Namespace, group) -> int:
     from engine.io import read_solver_param
 
     _warn_gpu(args)
@@ -136,8 +145,10 @@ def train(args: argparse.Namespace) -> int:
         param.ClearField("weights")
         param.weights.extend(weights)
     solver = _create_solver(param, path)
+    if group is not None:
+        group.attach(solver)
     solver.install_signal_handlers(sigint=args.sigint_effect, sighup=args.sighup_effect)
-    if getattr(args, "status", None) is not None:
+    if getattr(args, "status", None) is not None and (group is None or group.is_root):
         from engine.progress import TrainProgress
 
         solver.progress = TrainProgress(args.status, solver)
@@ -402,6 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(f"--{signal_name}_effect", choices=SIGNAL_EFFECTS, default=default,
                        help=f"what {signal_name.upper()} does while training "
                             f"(default {default})")
+    p.add_argument("--mpi", action="store_true",
+                   help="data-parallel over MPI ranks (implied under mpiexec -n K>1)")
 
     p = _add_command(subparsers, test, "test")
     p.add_argument("--model", help="the net prototxt (built in the TEST phase)")

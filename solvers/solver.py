@@ -120,6 +120,9 @@ class Solver:
         self._previous_handlers: dict[int, object] = {}
         self._early_exit = False
         self.progress = None  # an object with update(solver), e.g. engine.progress.Progress
+        # MPI data parallelism (engine.distributed.DataParallel.attach): reduces the gradients
+        # over the ranks; only its rank 0 tests and snapshots
+        self.reducer = None
         log.info("Solver scaffolding done.")
 
     # -- what a rule provides ----------------------------------------------------------------
@@ -264,7 +267,10 @@ class Solver:
                 log.info("Optimization stopped early.")
                 return
             if p.display and self.iter % p.display == 0:
-                self._update_smoothed_loss(self.net.forward_from_to())
+                loss = self.net.forward_from_to()
+                if self.reducer is not None:
+                    loss = self.reducer.mean(loss)
+                self._update_smoothed_loss(loss)
                 log.info("Iteration %d, loss = %g", self.iter, self.smoothed_loss)
             if p.test_interval and self.iter % p.test_interval == 0:
                 self.test_all()
@@ -290,9 +296,7 @@ class Solver:
                     on_start()
             display = bool(p.display and self.iter % p.display == 0)
             self.net.debug_info = display and (p.debug_info or self._net_debug_info)
-            loss = 0.0
-            for _ in range(p.iter_size):
-                loss += self.net.forward_backward()
+            loss = self._forward_backward()
             if not (math.isfinite(loss) and divergence.gradients_finite(self.net)):
                 self._diverged(divergence.diagnose(self.net), loss)
             self._update_smoothed_loss(loss / p.iter_size)
@@ -314,6 +318,23 @@ class Solver:
             if request == "stop":
                 self._early_exit = True
                 break
+
+    def _forward_backward(self) -> float:
+        """``iter_size`` passes accumulating the param diffs, then (with a reducer) the diffs
+        summed over the MPI ranks and scaled by 1/K; returns the (ranks' mean) summed loss."""
+        passes = self.param.iter_size
+        loss = 0.0
+        for k in range(passes):
+            if self.reducer is not None and k == passes - 1:
+                self.reducer.start(self.net)  # layer-wise reduction overlaps this backward
+            loss += self.net.forward_backward()
+        if self.reducer is not None:
+            loss, self.current_step = self.reducer.finish(self.net, loss, self.current_step)
+        return loss
+
+    def _is_root(self) -> bool:
+        """Whether this process tests and snapshots (always, unless MPI rank > 0)."""
+        return self.reducer is None or self.reducer.is_root
 
     def _diverged(self, where: str, loss: float) -> None:
         """Stop: one line naming the layer and the iteration; no snapshot is written."""
@@ -423,6 +444,8 @@ class Solver:
 
     # -- testing -------------------------------------------------------------------------------
     def test_all(self) -> None:
+        if not self._is_root():
+            return
         for i in range(len(self.test_nets)):
             if self._early_exit:
                 break
@@ -486,6 +509,8 @@ class Solver:
 
     def _requested_action(self) -> str:
         """The effect of one pending signal (SIGHUP first, as Caffe), clearing it; else none."""
+        if self.reducer is not None:  # every rank acts on a signal any rank got
+            self.reducer.agree(self._signals_got)
         for sig in (getattr(signal, "SIGHUP", None), signal.SIGINT):
             if self._signals_got.get(sig):
                 self._signals_got[sig] = False
@@ -493,6 +518,8 @@ class Solver:
         return "none"
 
     def _handle_requests_while_testing(self) -> None:
+        if self.reducer is not None:
+            return  # the ranks decide together after the next iteration (_requested_action)
         while any(self._signals_got.values()):
             request = self._requested_action()
             if request == "snapshot":
@@ -502,7 +529,12 @@ class Solver:
 
     # -- snapshots -----------------------------------------------------------------------------
     def snapshot(self) -> tuple[str, str]:
-        """Write ``<prefix>_iter_<iter>.caffemodel`` and ``.solverstate``; returns both paths."""
+        """Write ``<prefix>_iter_<iter>.caffemodel`` and ``.solverstate``; returns both paths.
+
+        Under MPI only rank 0 writes (the other ranks return empty paths).
+        """
+        if not self._is_root():
+            return "", ""
         return snapshots.snapshot(self)
 
     def restore(self, path: str | PathLike) -> None:

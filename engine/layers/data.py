@@ -35,6 +35,14 @@ class DataLayer(Layer):
     backward_needs_top_data = False
 
     n_bottom = (0, 0)
+    # a record stream MPI ranks can split (engine.distributed): rank r of K keeps the records
+    # i with i % K == r, while the read position stays the global one
+    shareable = False
+    rank, ranks = 0, 1
+
+    def share(self, rank: int, ranks: int) -> None:
+        """Serve this rank's share of every batch_size * ranks records read."""
+        self.rank, self.ranks = rank, ranks
 
     @property
     def where(self) -> str:
@@ -153,6 +161,7 @@ class Data(DataLayer):
     """
 
     n_top = (1, 2)
+    shareable = True
 
     def setup(self, bottom: list[Blob], top: list[Blob]) -> None:
         p = self.param.data_param
@@ -187,7 +196,8 @@ class Data(DataLayer):
     def _read_batch(self) -> tuple[list[np.ndarray] | np.ndarray, list[int]]:
         """The next batch from the reader: decoded images (transformed already, as a float
         array, when the transform is not random) and labels. Runs in the background."""
-        decoded = [self._decode(key, value) for key, value in self.reader.read(self.batch_size)]
+        records = self.reader.read(self.batch_size * self.ranks)[self.rank::self.ranks]
+        decoded = [self._decode(key, value) for key, value in records]
         images = [image for image, _ in decoded]
         labels = [label for _, label in decoded]
         if self.transformer.random:
@@ -241,6 +251,7 @@ class HDF5Data(DataLayer):
     """
 
     n_top = (1, None)
+    shareable = True
 
     def setup(self, bottom: list[Blob], top: list[Blob]) -> None:
         if self.param.HasField("transform_param"):
@@ -262,15 +273,20 @@ class HDF5Data(DataLayer):
             blob.reshape((self.batch_size, *row_shape))
 
     def forward(self, bottom: list[Blob], top: list[Blob]) -> None:
+        n = self.batch_size * self.ranks  # every MPI rank's rows; this one keeps i % ranks
         hit, rows = self.prefetch.take(self.source.position())
         if hit and rows is not None:
-            for blob, values in zip(top, rows, strict=True):
-                blob.data[...] = values
-            self.source.advance(self.batch_size, self.rng)
+            self.source.advance(n, self.rng)
+        elif self.ranks == 1:
+            rows = [blob.data for blob in top]
+            self.source.read(n, rows, self.rng)
         else:
-            self.source.read(self.batch_size, [blob.data for blob in top], self.rng)
-        self.prefetch.start(self.source.position(),
-                            lambda: self.source.rows_ahead(self.batch_size))
+            rows = [np.empty((n, *blob.shape[1:]), blob.data.dtype) for blob in top]
+            self.source.read(n, rows, self.rng)
+        for blob, values in zip(top, rows, strict=True):
+            if values is not blob.data:
+                blob.data[...] = values[self.rank::self.ranks]
+        self.prefetch.start(self.source.position(), lambda: self.source.rows_ahead(n))
 
     def get_state(self) -> dict:
         return self.source.get_state()

@@ -176,13 +176,17 @@ class DataParallel:
         self.wait([self.comm.Iallreduce(self.MPI.IN_PLACE, buffer, op=self.MPI.SUM)])
         return float(buffer[0]) / self.size
 
-    def agree(self, flags: dict[int, bool]) -> None:
-        """Set each flag where any rank has it set (signals reach every rank alike)."""
+    def agree(self, flags: dict[int, bool]) -> dict[int, bool]:
+        """The flags any rank has set, the same on every rank. Local flags are taken (cleared)
+        before the exchange: a signal arriving meanwhile waits for the next round, so that no
+        rank acts on something the others did not see."""
         keys = sorted(flags)
-        buffer = np.array([flags[k] for k in keys], np.int32)
-        self.wait([self.comm.Iallreduce(self.MPI.IN_PLACE, buffer, op=self.MPI.MAX)])
-        for k, value in zip(keys, buffer, strict=True):
-            flags[k] = bool(value)
+        taken = np.array([flags[k] for k in keys], np.int32)
+        for k, value in zip(keys, taken, strict=True):
+            if value:
+                flags[k] = False
+        self.wait([self.comm.Iallreduce(self.MPI.IN_PLACE, taken, op=self.MPI.MAX)])
+        return {k: bool(value) for k, value in zip(keys, taken, strict=True)}
 
     def wait(self, requests: list) -> None:
         """Wait for ``requests`` polling with growing sleeps (MPI's own wait spins a core)."""

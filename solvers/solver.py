@@ -508,14 +508,25 @@ class Solver:
         self._signals_got[signum] = True
 
     def _requested_action(self) -> str:
-        """The effect of one pending signal (SIGHUP first, as Caffe), clearing it; else none."""
-        if self.reducer is not None:  # every rank acts on a signal any rank got
-            self.reducer.agree(self._signals_got)
+        """The effect of one pending signal (SIGHUP first, as Caffe), clearing it; else none.
+
+        Under MPI the ranks act on the flags they agreed on (any rank's signal), so all stop or
+        snapshot after the same iteration; an agreed flag not acted on now stays pending.
+        """
+        flags = self._signals_got
+        if self.reducer is not None:
+            flags = self.reducer.agree(flags)
+        action = "none"
         for sig in (getattr(signal, "SIGHUP", None), signal.SIGINT):
-            if self._signals_got.get(sig):
-                self._signals_got[sig] = False
-                return self._signal_effects[sig]
-        return "none"
+            if flags.get(sig):
+                flags[sig] = False
+                action = self._signal_effects[sig]
+                break
+        if flags is not self._signals_got:
+            for sig, pending in flags.items():
+                if pending:
+                    self._signals_got[sig] = True
+        return action
 
     def _handle_requests_while_testing(self) -> None:
         if self.reducer is not None:

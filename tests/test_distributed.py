@@ -328,3 +328,24 @@ def test_a_data_layer_that_cannot_split_its_records_is_refused():
                              'width: 1 } }', caffe_pb2.NetParameter()))
     with pytest.raises(distributed.DistributedError, match="layer 'm' \\(MemoryData\\)"):
         distributed.share_data(net, 1, 2)
+
+
+def test_image_data_share_loads_only_this_ranks_images(tmp_path):
+    from PIL import Image
+
+    lines = []
+    for i in range(5):
+        Image.fromarray(np.full((2, 2), i * 10, np.uint8)).save(tmp_path / f"{i}.png")
+        lines.append(f"{i}.png {i}")
+    (tmp_path / "list.txt").write_text("\n".join(lines) + "\n")
+    text = (f'type: "ImageData" top: "d" top: "l" image_data_param {{ source: '
+            f'"{tmp_path}/list.txt" root_folder: "{tmp_path}/" batch_size: 2 is_color: false }}')
+    layer, top = make_layer(text, [], n_top=2)
+    layer.share(1, 2)
+    labels = []
+    for _ in range(3):
+        layer.forward([], top)
+        labels.extend(top[1].data.tolist())
+        np.testing.assert_array_equal(top[0].data[:, 0, 0, 0], top[1].data * 10)
+    assert labels == [1, 3, 0, 2, 4, 1]  # records 1, 3, 5 = 0 (wrapped), 7 = 2, ...
+    assert layer.get_state()["cursor"] == 3 * 2 * 2 % 5

@@ -74,6 +74,7 @@ class DenseImageData(ImageData):
     """
 
     n_top = (2, 2)
+    shareable = False  # its own forward reads every line: no split between MPI ranks
 
     def setup(self, bottom: list[Blob], top: list[Blob]) -> None:
         p = self.param.dense_image_data_param

@@ -110,6 +110,7 @@ class ImageData(DataLayer):
     """
 
     n_top = (1, 2)
+    shareable = True
     prefetch: Prefetcher | None = None  # set in setup (subclasses with their own reads: None)
 
     def setup(self, bottom: list[Blob], top: list[Blob]) -> None:
@@ -147,8 +148,8 @@ class ImageData(DataLayer):
     def _load_ahead(self, cursor: int, order: np.ndarray) -> list[np.ndarray]:
         """The images of lines ``cursor``.. of ``order``, a batch at most, up to the list's end
         (the order after it is drawn at the wrap). Runs in the background."""
-        stop = min(cursor + self.batch_size, len(self.lines))
-        return [self._load(i, order) for i in range(cursor, stop)]
+        stop = min(cursor + self.batch_size * self.ranks, len(self.lines))
+        return [self._load(i, order) for i in range(cursor + self.rank, stop, self.ranks)]
 
     def _load(self, cursor: int, order: np.ndarray | None = None) -> np.ndarray:
         order = self.order if order is None else order
@@ -171,9 +172,11 @@ class ImageData(DataLayer):
         hit, ahead = self.prefetch.take((self.cursor, self.epoch))
         ahead = ahead if hit else []
         images, labels = [], []
-        for k in range(self.batch_size):
-            images.append(ahead[k] if k < len(ahead) else self._load(self.cursor))
-            labels.append(self.lines[self.order[self.cursor]][1])
+        for i in range(self.batch_size * self.ranks):
+            if i % self.ranks == self.rank:  # this MPI rank's share (DataLayer.share)
+                k = len(images)
+                images.append(ahead[k] if k < len(ahead) else self._load(self.cursor))
+                labels.append(self.lines[self.order[self.cursor]][1])
             self.cursor += 1
             if self.cursor >= len(self.lines):
                 log.info("%s: Restarting data prefetching from start.", self.where)

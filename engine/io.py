@@ -11,6 +11,7 @@ failed write never destroys the previous file.
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import re
 import secrets
@@ -241,9 +242,13 @@ def read_binary(path: PathLike, message: M | type[M]) -> M:
 
 def _check_blob(blob, path: PathLike, what: str) -> None:
     n = len(blob.double_data) or len(blob.data)
-    expected = int(np.prod(blob_proto_shape(blob), dtype=np.int64))
+    try:
+        shape = blob_proto_shape(blob)
+    except ValueError as exc:  # a negative dim, more than 32 axes
+        raise ParseError(f"{os.fspath(path)}: {what}: {exc}; the file is corrupt") from None
+    expected = math.prod(shape)
     if n != expected:
-        raise ParseError(f"{os.fspath(path)}: {what} declares shape {blob_proto_shape(blob)} "
+        raise ParseError(f"{os.fspath(path)}: {what} declares shape {shape} "
                          f"({expected} values) but holds {n}; the file is truncated or corrupt")
 
 

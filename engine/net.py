@@ -201,6 +201,9 @@ class Net:
             layer_param.phase = self.phase
         layer = create_layer(layer_param, self.phase, self.rng, self.dtype)
         log.info("Creating Layer %s", layer.name)
+        if layer.name in self.top_names:  # the net's tables (and copy_from) go by layer name
+            raise layer.error("another layer of this net has the same name; layer names must be "
+                              "unique within a phase (rename one, or give each an include rule)")
         if layer_param.propagate_down and len(layer_param.propagate_down) != len(
                 layer_param.bottom):
             raise layer.error(f"propagate_down must be given 0 or {len(layer_param.bottom)} "

@@ -282,7 +282,10 @@ def _read_state_binary(path: str) -> StoredState:
 
 
 def _history_array(proto, k: int, path: str) -> np.ndarray:
-    shape = blob_proto_shape(proto)
+    try:
+        shape = blob_proto_shape(proto)
+    except ValueError as exc:  # a negative dim, more than 32 axes
+        raise SolverError(f"{path}: history blob {k}: {exc}; the file is corrupt") from None
     held = len(proto.double_data) or len(proto.data)
     expected = int(np.prod(shape, dtype=np.int64))
     if held != expected:

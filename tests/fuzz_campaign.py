@@ -374,6 +374,7 @@ def run_case(seeds: Seeds, case: tuple[str, int, list], work: Path) -> list[str]
     if kind == "solver_text":
         text = mutate_text(seeds.solver_text, ops).replace(
             "models/lenet/snapshots", str(work / "snapshots"))
+        (work / "snapshots").mkdir()
         path = work / "solver.prototxt"
         path.write_text(text)
         get_solver(str(path))
@@ -553,7 +554,8 @@ def _worker(root: str, conn) -> None:
         conn.send((outcome.kind, outcome.detail, elapsed))
 
 
-def campaign(cases: int, workers: int, seed: int, root: Path, show: int) -> dict[str, int]:
+def campaign(cases: int, workers: int, seed: int, root: Path, show: int,
+             log=None) -> dict[str, int]:
     """Run ``cases`` random cases over ``workers`` forked processes; print and return counts."""
     Seeds(root)  # build the seed files once, before forking
     ctx = multiprocessing.get_context("fork")
@@ -599,6 +601,8 @@ def campaign(cases: int, workers: int, seed: int, root: Path, show: int) -> dict
                 continue
             counts[outcome] += 1
             by_kind[kind][outcome] += 1
+            if log is not None:
+                log.write(f"{outcome}\t{kind}\t{' '.join(detail.split())[:300]}\n")
             if outcome not in ("ok", "clear") and shown[outcome] < show:
                 shown[outcome] += 1
                 print(f"--- {outcome} [{kind}] case={slot['case']!r}\n{detail}", flush=True)
@@ -626,10 +630,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--show", type=int, default=20, help="failures printed per outcome")
     parser.add_argument("--dir", help="scratch folder (default: a new temporary one)")
+    parser.add_argument("--log", help="write every case's outcome and message to this file")
     args = parser.parse_args(argv)
     root = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="moka-fuzz-"))
     root.mkdir(parents=True, exist_ok=True)
-    counts = campaign(args.cases, args.workers, args.seed, root.resolve(), args.show)
+    log = open(args.log, "w") if args.log else None  # noqa: SIM115
+    try:
+        counts = campaign(args.cases, args.workers, args.seed, root.resolve(), args.show, log)
+    finally:
+        if log is not None:
+            log.close()
     if not args.dir:
         shutil.rmtree(root, ignore_errors=True)
     bad = sum(counts.get(k, 0) for k in ("internal", "no_location", "timeout"))

@@ -191,3 +191,33 @@ def test_layer_errors_from_a_file_give_the_layer_line(tmp_path):
     line = text.splitlines().index('  name: "ip1"') + 1
     with pytest.raises(engine.errors.NetError, match=rf"^{path}:{line}: layer 'ip1'.*'pool9'"):
         engine.Net(path, engine.TEST)
+
+
+def test_two_layers_with_one_name_are_refused(tmp_path):
+    text = LENET.replace('name: "ip2"', 'name: "ip1"')
+    with pytest.raises(LayerError, match=r"layer .ip1. \(InnerProduct\): another layer .* name"):
+        engine.Net(write_net(tmp_path, text), engine.TEST)
+
+
+def test_a_caffemodel_with_a_negative_dim_is_a_parse_error(tmp_path):
+    net = engine.Net(write_net(tmp_path, LENET), engine.TEST)
+    proto = net.to_proto()
+    proto.layer[1].blobs[0].shape.dim[1] = -1
+    path = tmp_path / "bad.caffemodel"
+    path.write_bytes(proto.SerializeToString())
+    with pytest.raises(ParseError, match=rf"{path}: layer 'conv1' blob 0: .*non-negative"):
+        engine.Net(write_net(tmp_path, LENET), engine.TEST, weights=str(path))
+
+
+def test_a_damaged_hdf5_caffemodel_is_a_parse_error(tmp_path):
+    from engine.io import write_net_hdf5
+
+    net = engine.Net(write_net(tmp_path, LENET), engine.TEST)
+    path = tmp_path / "m.caffemodel.h5"
+    write_net_hdf5(net.to_proto(), path)
+    data = bytearray(path.read_bytes())
+    for offset in range(512, len(data)):  # everything after the superblock
+        data[offset] ^= 0x5A
+    path.write_bytes(bytes(data))
+    with pytest.raises(ParseError, match=str(path)):
+        engine.Net(write_net(tmp_path, LENET), engine.TEST, weights=str(path))

@@ -55,8 +55,12 @@ def load_hdf5(path: str, names: list[str], dtype: np.dtype, where: str = "HDF5Da
         f = h5py.File(path, "r")
     except OSError as exc:
         raise DataError(f"{where}: cannot open HDF5 file '{path}': {exc}") from exc
-    with f:
-        arrays = [_load_dataset(f, path, name, dtype, where) for name in names]
+    try:
+        with f:
+            arrays = [_load_dataset(f, path, name, dtype, where) for name in names]
+    except (OSError, RuntimeError, ValueError, KeyError, TypeError) as exc:  # h5py on bad bytes
+        raise DataError(f"{where}: cannot read HDF5 file '{path}' (truncated or corrupt?): "
+                        f"{type(exc).__name__}: {exc}") from exc
     rows = {name: len(a) for name, a in zip(names, arrays, strict=True)}
     if len(set(rows.values())) != 1:
         raise DataError(f"{where}: the datasets of '{path}' have different row counts {rows}; "

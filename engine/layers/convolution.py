@@ -14,10 +14,8 @@ from engine.depthwise_kernels import depthwise_backward, depthwise_forward
 from engine.kernels import (
     ConvGeometry,
     Workspace,
-    conv_backward_data,
-    conv_backward_params,
-    conv_columns,
-    conv_forward,
+    conv_backward_blocked,
+    conv_forward_blocked,
 )
 from engine.layer import Layer, register_layer
 
@@ -32,11 +30,11 @@ class Convolution(Layer):
     channels into contiguous blocks. Any number of spatial axes (1-d, 2-d, 3-d...). Several
     bottoms are allowed, all of one shape; each gives the same-index top with the same weights.
 
-    Forward is im2col + one GEMM per group over the whole batch; with one filter per channel
+    Forward is im2col + one GEMM per group over blocks of the batch whose columns fit in cache
+    (``kernels.conv_forward_blocked``); with one filter per channel
     (``group == channels == num_output``: depthwise) a direct kernel instead
-    (engine/depthwise_kernels.py). Backward reuses the forward's
-    columns when the bottom array is the same object: the Net never rewrites a bottom between a
-    layer's forward and its backward (an in-place writer gets a Split copy).
+    (engine/depthwise_kernels.py). Backward builds each block's columns again rather than
+    keeping the batch's.
     """
 
     backward_needs_bottom_data = True
@@ -59,10 +57,8 @@ class Convolution(Layer):
             specs.append(((self.num_output,), p.bias_filler))
         self.init_param_blobs(specs)
         self.param_propagate_down = [True] * len(self.blobs)
-        self._work: dict[int, Workspace] = {}  # per bottom: padded input and columns
-        # per bottom: (the bottom array, its column matrices), for backward to reuse
-        self._columns: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        self._scratch = Workspace()  # backward buffers shared by all bottoms
+        self._work: dict[int, Workspace] = {}  # per bottom (depthwise kernel's buffers)
+        self._scratch = Workspace()  # im2col buffers shared by all bottoms
 
     def read_geometry(self, bottom: Blob) -> tuple[tuple[int, ...], ...]:
         """Read ``convolution_param``: sets ``self.axis``; returns kernel, stride, pad and
@@ -162,14 +158,13 @@ class Convolution(Layer):
     def forward(self, bottom: list[Blob], top: list[Blob]) -> None:
         bias = self.blobs[1].data if self.bias_term else None
         for i, (b, t) in enumerate(zip(bottom, top, strict=True)):
-            work = self._work.setdefault(i, Workspace())
             if self.direct:
                 depthwise_forward(self._nchw(b.data, self.channels), self.blobs[0].data, bias,
-                                  self.geom, work, self._nchw(t.data, self.num_output))
+                                  self.geom, self._work.setdefault(i, Workspace()),
+                                  self._nchw(t.data, self.num_output))
                 continue
-            matrix = conv_forward(self._nchw(b.data, self.channels), self.blobs[0].data, bias,
-                                  self.geom, work, self._nchw(t.data, self.num_output))
-            self._columns[i] = (b.data, matrix)
+            conv_forward_blocked(self._nchw(b.data, self.channels), self.blobs[0].data, bias,
+                                 self.geom, self._scratch, self._nchw(t.data, self.num_output))
 
     def backward(self, top: list[Blob], propagate_down: Sequence[bool],
                  bottom: list[Blob]) -> None:
@@ -184,14 +179,6 @@ class Convolution(Layer):
                                    self.geom, self._work.setdefault(i, Workspace()),
                                    weight_diff, bias_diff, dx)
                 continue
-            if weight_diff is not None or bias_diff is not None:
-                source, matrix = self._columns.get(i, (None, None))
-                if source is not b.data:
-                    work = self._work.setdefault(i, Workspace())
-                    matrix = conv_columns(self._nchw(b.data, self.channels), self.geom, work)
-                    self._columns[i] = (b.data, matrix)
-                conv_backward_params(dy, matrix, self.geom, self._scratch, weight_diff,
-                                     bias_diff)
-            if propagate_down[i]:
-                conv_backward_data(dy, self.blobs[0].data, self.geom, self._scratch,
-                                   self._nchw(b.diff, self.channels))
+            dx = self._nchw(b.diff, self.channels) if propagate_down[i] else None
+            conv_backward_blocked(dy, self._nchw(b.data, self.channels), self.blobs[0].data,
+                                  self.geom, self._scratch, weight_diff, bias_diff, dx)

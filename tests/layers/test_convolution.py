@@ -9,6 +9,7 @@ import pytest
 from gradcheck import check_gradient
 from layer_helpers import blob_of, make_layer, random_blob
 
+from engine import kernels
 from engine.blob import Blob
 from engine.errors import LayerError
 from engine.kernels import ConvGeometry
@@ -267,3 +268,47 @@ def test_bottom_shape_errors():
     layer, top = conv("num_output: 2 kernel_size: 3", [a])
     with pytest.raises(LayerError, match="channels"):
         layer.reshape([random_blob((1, 4, 5, 5))], top)
+
+
+# -- batch blocks (kernels.conv_forward_blocked / conv_backward_blocked) -----------------------
+@pytest.mark.parametrize(("n", "item", "budget", "expected"), [
+    (5, 10, 20, [(0, 1), (1, 3), (3, 5)]), (4, 10, 1000, [(0, 4)]), (3, 10, 1, [(0, 1), (1, 2),
+                                                                                (2, 3)]),
+    (100, 819200, 8 << 20, [(10 * i, 10 * i + 10) for i in range(10)])])
+def test_conv_blocks_cover_the_batch(n, item, budget, expected):
+    assert kernels.conv_blocks(n, item, budget) == expected
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Blocks of one or two images (two block lengths in one batch of 5)."""
+    monkeypatch.setattr(kernels, "CONV_BLOCK_BYTES", 1)
+
+    def use(item_bytes_per_block: int) -> None:
+        monkeypatch.setattr(kernels, "CONV_BLOCK_BYTES", item_bytes_per_block)
+    return use
+
+
+@pytest.mark.parametrize(("shape", "params"), [FORWARD[1], FORWARD[5], FORWARD[10]])
+@pytest.mark.parametrize("images_per_block", [1, 2])
+def test_forward_in_batch_blocks_matches_naive_loop(small_blocks, shape, params,
+                                                    images_per_block):
+    x = random_blob((5, *shape[1:]))
+    layer, top = conv(params, [x])
+    g = layer.geom
+    small_blocks(images_per_block * kernels._column_bytes(x.data.reshape(5, *shape[1:]), g))
+    assert len(kernels.conv_blocks(5, kernels._column_bytes(x.data, g))) > 1
+    layer.forward([x], top)
+    bias = layer.blobs[1].data if len(layer.blobs) > 1 else None
+    expected = naive_conv(x.data, layer.blobs[0].data, bias, g.stride, g.pad, g.dilation,
+                          g.group)
+    np.testing.assert_allclose(top[0].data, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(("shape", "params"), [GRADIENT[0], GRADIENT[2], GRADIENT[6]])
+def test_gradient_in_batch_blocks(small_blocks, shape, params):
+    x = random_blob((3, *shape[1:]))
+    layer, top = conv(params, [x])
+    small_blocks(2 * kernels._column_bytes(x.data, layer.geom))  # blocks of 1 and 2 images
+    assert check_gradient(layer, [x], top) > 0
+

@@ -125,7 +125,7 @@ def extract_features(model: str, weights: str | None, blobs: Sequence[str], db: 
 
 # -- the command line ------------------------------------------------------------------------------
 def run(args) -> int:
-    """Store named blobs of a net's TEST forwards in LMDBs of float Datums (extract_features)."""
+    """Write named blobs of TEST forwards to LMDBs of float Datums (Caffe's extract_features)."""
     if not args.model:
         raise MokaError("need a model definition: --model NET.prototxt")
     if not os.path.isfile(args.model):

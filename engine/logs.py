@@ -215,7 +215,8 @@ def add_commands(subparsers, add_command, net_state_flags) -> None:
     p.add_argument("out_dir", metavar="OUTDIR", help="folder for LOG.train and LOG.test")
     p.add_argument("--delimiter", default=",", help="the CSV column delimiter (default ',')")
     p = add_command(subparsers, plot_command, "plot")
-    p.add_argument("paths", nargs="+", metavar="LOG... OUT.png",
-                   help="training logs, then the image to write")
+    p.add_argument("paths", nargs="+", metavar="FILE",
+                   help="LOG [LOG ...] OUT.png: one or more training logs, then the image to "
+                        "write")
     p.add_argument("--x", choices=("iters", "seconds"), default="iters",
                    help="the horizontal axis (default iters)")

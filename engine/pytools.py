@@ -40,20 +40,20 @@ class ToolError(MokaError):
 # -- shared flags --------------------------------------------------------------------------------
 def _model_flags(p: argparse.ArgumentParser, mean_help: str) -> None:
     p.add_argument("--model_def", default=_CAFFENET + "deploy.prototxt",
-                   help="Model definition file.")
+                   help="the deploy net prototxt")
     p.add_argument("--pretrained_model",
                    default=_CAFFENET + "bvlc_reference_caffenet.caffemodel",
-                   help="Trained model weights file.")
+                   help="the trained .caffemodel")
     p.add_argument("--gpu", action="store_true",
-                   help="Switch for gpu computation (Moka runs on the CPU; accepted).")
+                   help="accepted for Caffe's command lines; Moka runs on the CPU")
     p.add_argument("--mean_file", default=_MEAN, help=mean_help)
     p.add_argument("--input_scale", type=float,
-                   help="Multiply input features by this scale to finish preprocessing.")
+                   help="scale applied last, after the mean is subtracted")
     p.add_argument("--raw_scale", type=float, default=255.0,
-                   help="Multiply raw input by this scale before preprocessing.")
+                   help="scale applied first, to the [0, 1] images (default 255)")
     p.add_argument("--channel_swap", default="2,1,0",
-                   help="Order to permute input channels. The default converts RGB -> BGR "
-                        "since BGR is the Caffe default by way of OpenCV.")
+                   help="channel order of the net's input (default 2,1,0: RGB images to "
+                        "Caffe's BGR)")
 
 
 def _require(path: str, flag: str) -> str:
@@ -206,27 +206,27 @@ def detect(args: argparse.Namespace) -> int:
 def add_commands(subparsers, add_command, net_state_flags) -> None:
     """Register ``engine classify`` and ``engine detect`` (called from engine/cli.py)."""
     p = add_command(subparsers, classify, "classify")
-    p.add_argument("input_file", help="Input image, directory, or npy.")
-    p.add_argument("output_file", help="Output npy filename.")
-    _model_flags(p, "Data set image mean of [Channels x Height x Width] dimensions (numpy "
-                    "array). Set to '' for no mean subtraction.")
+    p.add_argument("input_file", help="an image, a folder of images (see --ext) or a .npy of "
+                                      "H x W x K images")
+    p.add_argument("output_file", help="the .npy to write: (N, classes) probabilities")
+    _model_flags(p, "a .npy mean image, K x H x W; '' subtracts no mean")
     p.add_argument("--center_only", action="store_true",
-                   help="Switch for prediction from center crop alone instead of averaging "
-                        "predictions across crops (default).")
+                   help="predict from the center crop only, not the average over ten crops")
     p.add_argument("--images_dim", default="256,256",
-                   help="Canonical 'height,width' dimensions of input images.")
+                   help="'height,width' the images are resized to before cropping "
+                        "(default 256,256)")
     p.add_argument("--ext", default="jpg",
-                   help="Image file extension to take as input when a directory is given as "
-                        "the input file.")
+                   help="the image extension read from an input folder (default jpg)")
 
     p = add_command(subparsers, detect, "detect")
-    p.add_argument("input_file", help="Input txt/csv filename. If .txt, must be list of "
-                                      "filenames. If .csv, must be comma-separated file with "
-                                      "header 'filename, xmin, ymin, xmax, ymax'")
-    p.add_argument("output_file", help="Output h5/csv filename. Format depends on extension.")
-    _model_flags(p, "Data set image mean of H x W x K dimensions (numpy array). Set to '' for "
-                    "no mean subtraction.")
+    p.add_argument("input_file", help="a .csv of windows (header filename, ymin, xmin, ymax, "
+                                      "xmax; any column order) or a .txt of image paths")
+    p.add_argument("output_file", help="the .csv or .h5 to write (its extension picks)")
+    _model_flags(p, "a .npy mean image, K x H x W, averaged to one value per channel; '' "
+                    "subtracts no mean")
     p.add_argument("--crop_mode", default="selective_search", choices=CROP_MODES,
-                   help="How to generate windows for detection.")
+                   help="where the windows come from: the input .csv (list), or selective "
+                        "search on the .txt's images (default; needs "
+                        "selective_search_ijcv_with_python)")
     p.add_argument("--context_pad", type=int, default=16,
-                   help="Amount of surrounding context to collect in input window.")
+                   help="pixels of context added around each window (default 16)")

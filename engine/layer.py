@@ -132,6 +132,12 @@ class Layer:
     def error(self, message: str) -> LayerError:
         return LayerError(self.name, self.type or type(self).__name__, message)
 
+    def param_down(self, j: int) -> bool:
+        """Whether parameter blob ``j`` gets a gradient (``param_propagate_down``, which the Net
+        fills from ``lr_mult``; a missing entry means the Net did not restrict it)."""
+        flags = self.param_propagate_down
+        return j >= len(flags) or bool(flags[j])
+
     def init_param_blobs(self, specs: Sequence[tuple[Sequence[int], object]]) -> None:
         """Create ``self.blobs`` from ``(shape, FillerParameter | None)`` pairs.
 

@@ -35,11 +35,6 @@ class _KeepsInput(NeuronLayer):
         return self._saved if self._saved is not None else bottom[0].data
 
 
-def _param_down(layer: NeuronLayer, j: int) -> bool:
-    flags = layer.param_propagate_down  # a missing entry means the Net did not restrict it
-    return j >= len(flags) or bool(flags[j])
-
-
 @register_layer
 class PReLU(_KeepsInput):
     """y = max(x, 0) + a_c * min(x, 0), with a learned slope a per channel (axis 1).
@@ -80,7 +75,7 @@ class PReLU(_KeepsInput):
                  bottom: list[Blob]) -> None:
         x, dy = self._input(bottom), top[0].diff
         negative = x <= 0
-        if _param_down(self, 0):  # before the bottom diff: in place it overwrites dy
+        if self.param_down(0):  # before the bottom diff: in place it overwrites dy
             contrib = dy * np.where(negative, x, 0)
             if self.channel_shared:
                 self.blobs[0].diff += contrib.sum()

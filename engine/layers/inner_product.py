@@ -75,15 +75,10 @@ class InnerProduct(Layer):
         dy = top[0].diff.reshape(self.m, self.num_output)
         x = bottom[0].data.reshape(self.m, self.k)
         weight = self.blobs[0]
-        if self._param_down(0):
+        if self.param_down(0):
             weight.diff += x.T @ dy if self.transpose else dy.T @ x
-        if self.bias_term and self._param_down(1):
+        if self.bias_term and self.param_down(1):
             self.blobs[1].diff += dy.sum(axis=0)
         if propagate_down[0]:
             dx = bottom[0].diff.reshape(self.m, self.k)
             np.matmul(dy, weight.data.T if self.transpose else weight.data, out=dx)
-
-    def _param_down(self, j: int) -> bool:
-        # a missing entry means the Net did not restrict this parameter
-        flags = self.param_propagate_down
-        return j >= len(flags) or bool(flags[j])

@@ -219,23 +219,19 @@ class Recurrent(Layer):
                         bottom: list[Blob]) -> None:
         t, n = self.steps, self.streams
         rows = dprojected.reshape(t * n, -1)
-        if self._param_down(0):
+        if self.param_down(0):
             self.blobs[0].diff += rows.T @ bottom[0].data.reshape(t * n, self.input_dim)
-        if self._param_down(1):
+        if self.param_down(1):
             self.blobs[1].diff += rows.sum(axis=0)
         if propagate_down[0]:
             bottom[0].diff[...] = (rows @ self.blobs[0].data).reshape(bottom[0].shape)
         if not self.static:
             return
         dstatic = dprojected.sum(axis=0)  # x_static enters every step
-        if self._param_down(2):
+        if self.param_down(2):
             self.blobs[2].diff += dstatic.T @ bottom[2].data.reshape(n, -1)
         if propagate_down[2]:
             bottom[2].diff[...] = (dstatic @ self.blobs[2].data).reshape(bottom[2].shape)
-
-    def _param_down(self, j: int) -> bool:
-        flags = self.param_propagate_down
-        return j >= len(flags) or bool(flags[j])
 
     def _log(self, phase: str, kind: str, values: np.ndarray) -> None:
         """recurrent_param.debug_info: Caffe's debug line for the layer's main blob."""
@@ -308,7 +304,7 @@ class LSTM(Recurrent):
             dc, dgates[t] = lstm_cell_backward(dc, dout[t] + dh_next, c_prev, self.acts[t],
                                                self.tanh_c[t], cont[t])
             dh_next = cont[t][:, None] * (dgates[t] @ w_hc.data)
-        if self._param_down(len(self.blobs) - 1):
+        if self.param_down(len(self.blobs) - 1):
             w_hc.diff += (dgates.reshape(-1, 4 * self.hidden).T
                           @ self.h_conted.reshape(-1, self.hidden))
         return dgates, [dh_next, dc]
@@ -355,9 +351,9 @@ class RNN(Recurrent):
         hid = self.hidden
         o = self.outputs
         do = (dout * (1 - o * o)).reshape(-1, hid)
-        if self._param_down(first + 1):
+        if self.param_down(first + 1):
             w_ho.diff += do.T @ self.hiddens.reshape(-1, hid)
-        if self._param_down(first + 2):
+        if self.param_down(first + 2):
             b_o.diff += do.sum(axis=0)
         dh_out = (do @ w_ho.data).reshape(self.hiddens.shape)
         (dh_next,) = final_diffs
@@ -365,7 +361,7 @@ class RNN(Recurrent):
         for t in reversed(range(self.steps)):
             dpre[t] = (dh_out[t] + dh_next) * (1 - self.hiddens[t] * self.hiddens[t])
             dh_next = cont[t][:, None] * (dpre[t] @ w_hh.data)
-        if self._param_down(first):
+        if self.param_down(first):
             w_hh.diff += dpre.reshape(-1, hid).T @ self.h_conted.reshape(-1, hid)
         return dpre, [dh_next]
 

@@ -16,11 +16,6 @@ from engine.blob import Blob
 from engine.layer import Layer, register_layer
 
 
-def _param_down(layer: Layer, j: int) -> bool:
-    flags = layer.param_propagate_down  # a missing entry means the Net did not restrict it
-    return j >= len(flags) or bool(flags[j])
-
-
 def _axis(layer: Layer, bottom: Blob, axis: int, what: str) -> int:
     try:
         return bottom.canonical_axis(axis)
@@ -117,10 +112,10 @@ class Scale(Layer):
         dy = top[0].diff.reshape(self.dims)
         learned = len(bottom) == 1
         # parameter and bottom-1 gradients first: in place, bottom 0's diff overwrites dy
-        if self.bias_term and _param_down(self, len(self.blobs) - 1):
+        if self.bias_term and self.param_down(len(self.blobs) - 1):
             self.blobs[-1].diff += _sum_to_dim(dy).reshape(self.blobs[-1].shape)
         scale = self._scale(bottom)
-        wants_scale_grad = _param_down(self, 0) if learned else propagate_down[1]
+        wants_scale_grad = self.param_down(0) if learned else propagate_down[1]
         if wants_scale_grad:
             x = self._saved_x if self._saved_x is not None else bottom[0].data.reshape(self.dims)
             grad = _sum_to_dim(dy * x).reshape(scale.shape)
@@ -170,7 +165,7 @@ class Bias(Layer):
                  bottom: list[Blob]) -> None:
         dy = top[0].diff
         bias = self._bias(bottom)
-        if len(bottom) == 1 and _param_down(self, 0):
+        if len(bottom) == 1 and self.param_down(0):
             bias.diff += _sum_to_dim(dy.reshape(self.dims)).reshape(bias.shape)
         elif len(bottom) > 1 and propagate_down[1]:
             bias.diff[...] = _sum_to_dim(dy.reshape(self.dims)).reshape(bias.shape)

@@ -72,7 +72,6 @@ class Normalize(Layer):
             filler = caffe_pb2.FillerParameter(type="constant", value=1.0)
         shape = () if self.channel_shared else (bottom[0].shape[1],)
         self.init_param_blobs([(shape, filler)])
-        self.param_propagate_down = [True]
 
     def reshape(self, bottom: list[Blob], top: list[Blob]) -> None:
         if not self.channel_shared and bottom[0].shape[1] != self.blobs[0].count:
@@ -97,7 +96,7 @@ class Normalize(Layer):
                  bottom: list[Blob]) -> None:
         x, dy = bottom[0].data, top[0].diff
         unit = x / self.norm
-        if self.param_propagate_down[0]:
+        if self.param_down(0):
             grad = dy * unit
             self.blobs[0].diff[...] += (grad.sum() if self.channel_shared
                                         else grad.sum(axis=(0, *range(2, x.ndim))))

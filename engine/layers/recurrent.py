@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from engine.blob import Blob
+from engine.debug_info import mean_abs
 from engine.layer import Layer, register_layer
 
 log = logging.getLogger(__name__)
@@ -239,7 +240,7 @@ class Recurrent(Layer):
         name = blobs[0] if blobs else "0"
         what = "data" if phase == "Forward" else "diff"
         log.info("    [%s] Layer %s, %s blob %s %s: %.6g", phase, self.name, kind, name, what,
-                 float(np.mean(np.abs(values))))
+                 mean_abs(values))
 
     # -- the carried state -----------------------------------------------------------------------
     def reset(self) -> None:

@@ -294,6 +294,8 @@ def _num(value: float | None, fmt: str = ".3g") -> str:
 
 
 def format_report(report: NetReport) -> str:
+    from engine.summary import format_table
+
     header = ("layer", "type", "top mean", "top std", "dead", "grad std", "gradient check",
               "verdict")
     rows = [header]
@@ -308,13 +310,7 @@ def format_report(report: NetReport) -> str:
         dead = "-" if r.dead_fraction is None else f"{100 * r.dead_fraction:.0f}%"
         rows.append((r.name, r.type, _num(r.top_mean), _num(r.top_std), dead,
                      _num(r.grad_std), grad, r.verdict))
-    widths = [max(len(row[c]) for row in rows) for c in range(len(header))]
-    lines = []
-    for k, row in enumerate(rows):
-        lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True))
-                     .rstrip())
-        if k == 0:
-            lines.append("-" * len(lines[0]))
+    lines = format_table(rows)
     lines.append("")
     failed = [r for r in report.layers if r.failure]
     for r in failed:

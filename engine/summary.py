@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -424,6 +424,20 @@ def _field_text(values: tuple | None) -> str:
     return parts[0] if len(set(parts)) == 1 else "x".join(parts)
 
 
+def format_table(rows: Sequence[Sequence[str]], right: Collection[int] = ()) -> list[str]:
+    """Text lines of ``rows`` (the first is the header, underlined) in padded columns two spaces
+    apart; the columns in ``right`` are right-aligned."""
+    widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
+    lines = []
+    for row in rows:
+        cells = [cell.rjust(w) if c in right else cell.ljust(w)
+                 for c, (cell, w) in enumerate(zip(row, widths, strict=True))]
+        lines.append("  ".join(cells).rstrip())
+        if len(lines) == 1:
+            lines.append("-" * len(lines[0]))
+    return lines
+
+
 def format_summary(summary: Summary) -> str:
     """The table and totals as ``engine summary`` prints them."""
     header = ("layer", "type", "top shape", "params", "mult-adds", "activations", "RF",
@@ -441,15 +455,7 @@ def format_summary(summary: Summary) -> str:
                               _field_text(r.receptive_field), _field_text(r.stride)))
             else:
                 lines.append(("", "", _shape_text(shape), "", "", "", "", ""))
-    widths = [max(len(line[c]) for line in lines) for c in range(len(header))]
-    right = {3, 4, 5, 6, 7}
-    out = []
-    for k, line in enumerate(lines):
-        cells = [cell.rjust(w) if c in right else cell.ljust(w)
-                 for c, (cell, w) in enumerate(zip(line, widths, strict=True))]
-        out.append("  ".join(cells).rstrip())
-        if k == 0:
-            out.append("-" * len(out[0]))
+    out = format_table(lines, right={3, 4, 5, 6, 7})
     out.append("")
     out += [f"net '{summary.name}', batch {summary.batch}, {len(summary.rows)} layers",
             f"parameters:         {summary.params:,}",

@@ -10,9 +10,17 @@ from engine.mode import layer_type_list
 
 
 def summary_line(type_name: str) -> str:
-    """The first line of the layer class's docstring."""
+    """The first line of the layer class's docstring, carried on to the end of the sentence it
+    breaks off (the first paragraph's lines joined up to the next full stop)."""
     doc = (LAYERS[type_name].__doc__ or "").strip()
-    return doc.splitlines()[0] if doc else ""
+    if not doc:
+        return ""
+    first = doc.splitlines()[0]
+    paragraph = " ".join(line.strip() for line in doc.split("\n\n")[0].splitlines())
+    if first.endswith((".", ":")):
+        return first
+    stop = paragraph.find(". ", len(first))
+    return paragraph if stop < 0 else paragraph[:stop + 1]
 
 
 def layers_command(args: argparse.Namespace) -> int:

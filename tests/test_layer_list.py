@@ -48,3 +48,13 @@ def test_engine_layers_describe_gives_each_doc_line(capsys, name):
     assert set(lines) == set(engine.layer_type_list())
     doc = engine.LAYERS[name].__doc__.strip().splitlines()[0]
     assert lines[name].endswith(doc)
+
+
+def test_engine_layers_describe_ends_the_sentence_a_doc_line_breaks_off(capsys):
+    assert main(["layers", "--describe"]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
+    # BatchReindex's first doc line stops inside "(M values in": the listing completes it
+    doc = " ".join(engine.LAYERS["BatchReindex"].__doc__.split())
+    assert not engine.LAYERS["BatchReindex"].__doc__.strip().splitlines()[0].endswith(".")
+    assert lines["BatchReindex"].endswith("(M values in [0, N)).")
+    assert lines["BatchReindex"].split(None, 1)[1] in doc

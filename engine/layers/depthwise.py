@@ -32,8 +32,11 @@ class DepthwiseConvolution(Convolution):
 
 @register_layer
 class ConvolutionDepthwise(Convolution):
-    """farmingyard's depthwise layer: ``group`` and ``num_output`` are set to the input's
-    channel count whatever the prototxt says (that fork ignores both).
+    """Depthwise convolution as farmingyard's fork has it: one filter per input channel.
+
+    ``top[n, c] = w[c, 0] * bottom[n, c] + b[c]`` (``*`` the correlation, with Convolution's
+    stride, pad and dilation); ``group`` and ``num_output`` are set to the input's channel count
+    whatever the prototxt says (that fork ignores both).
 
     Shapes: bottom (N, C, *in) -> top (N, C, *out); weight (C, 1, *kernel), bias (C,).
     """

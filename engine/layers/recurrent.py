@@ -369,7 +369,10 @@ class RNN(Recurrent):
 
 @register_layer
 class LSTMUnit(Layer):
-    """One LSTM step, the cell of Caffe's unrolled LSTM (see ``lstm_cell_forward``).
+    """One LSTM step, the cell of Caffe's unrolled LSTM (as ``lstm_cell_forward``):
+
+        i, f, o = sigmoid(x's first three H-wide quarters), g = tanh(x's last quarter)
+        c = cont f c_prev + i g,   h = o tanh(c)
 
     Bottoms: c_prev (1, N, H), gate inputs x (1, N, 4H) in the order i, f, o, g, cont (1, N).
     Tops: c (1, N, H), h (1, N, H). No parameters; no gradient to cont.

@@ -144,6 +144,8 @@ def _train(args: argparse.Namespace, group) -> int:
     if args.snapshot or weights:  # the flags override the file's weights, as Caffe's
         param.ClearField("weights")
         param.weights.extend(weights)
+    if group is not None:
+        group.share_seed(param)
     solver = _create_solver(param, path)
     if group is not None:
         group.attach(solver)

@@ -3,15 +3,18 @@
 Caffe's multi-GPU semantics on K processes (ranks), through ``mpi4py`` (imported only here, and
 only when the process was launched by ``mpiexec`` with K > 1 or ``engine train --mpi``):
 
-- Every rank builds the same nets from the same ``random_seed``; before training the ranks
-  compare a CRC of their parameters (``check_identical``) and stop if one differs.
+- Every rank builds the same nets from the same ``random_seed`` (rank 0's, drawn by it when the
+  solver sets none); before training the ranks compare a CRC of their parameters
+  (``check_identical``) and stop if one differs. Random draws (dropout masks, random crops) are
+  the same stream on every rank, applied to different records.
 - The training nets' data layers split the record stream: record ``i`` goes to rank ``i mod K``
   (``DataLayer.share``). Their read position stays the *global* cursor (the records all ranks
   consumed together), identical on every rank, so a snapshot resumes on any K, or on one process.
 - After backward the parameter diffs are summed over the ranks and scaled by 1/K (``finish``),
   before the solver's clip/normalise/decay/update: K ranks at batch B make the update one
   process makes with ``iter_size: K`` on the same records (grouped differently into batches, so
-  equal to float32 rounding). The loss each rank reports is the ranks' mean.
+  equal to float32 rounding). The smoothed loss is the ranks' mean (the "Train net output"
+  lines show rank 0's own batch, as in Caffe).
 - ``layer_wise_reduce`` (default true): during the last ``iter_size`` pass a non-blocking
   allreduce starts for each layer's parameters as soon as their last user's backward has run,
   overlapping with the backward of the layers below; otherwise one fused allreduce follows
@@ -100,6 +103,15 @@ class DataParallel:
         return self.rank == 0
 
     # -- set-up -----------------------------------------------------------------------------
+    def share_seed(self, param) -> None:
+        """Give every rank rank 0's ``random_seed`` (a fresh one when the solver sets none), so
+        that all ranks build the same nets."""
+        seed = param.random_seed
+        if self.is_root and seed < 0:
+            seed = int(np.random.SeedSequence().generate_state(1)[0] >> 1)
+            log.info("No random_seed in the solver: all %d ranks use %d", self.size, seed)
+        param.random_seed = self.comm.bcast(seed, root=0)
+
     def attach(self, solver) -> None:
         """Share the train net's data, check the ranks agree, and become ``solver.reducer``."""
         self.layer_wise = bool(solver.param.layer_wise_reduce)
@@ -164,8 +176,9 @@ class DataParallel:
             blob.diff[...] = fused[offset:offset + blob.diff.size].reshape(blob.diff.shape)
             offset += blob.diff.size
         scale = 1.0 / self.size
-        for blob in net.learnable_params:
-            blob.diff *= scale
+        if self.size > 1:
+            for blob in net.learnable_params:
+                blob.diff *= scale
         self.reduce_seconds = time.perf_counter() - begin
         self.reduce_bytes = sum(blob.diff.nbytes for blob in net.learnable_params)
         return float(scalars[0]) * scale, int(scalars[1])

@@ -207,7 +207,9 @@ def test_a_failing_rank_stops_the_job_with_its_rank_and_message(tmp_path):
 
 def _start_long_run(tmp_path: Path, tag: str, sigint_effect: str = "stop"):
     _write_data(tmp_path, 2)
-    solver = _solver(tmp_path, "run", max_iter=10**6, display=0, snapshot_after_train="true")
+    # no random_seed: rank 0 draws one for all (else the parameter check would stop the job)
+    solver = _solver(tmp_path, "run", max_iter=10**6, display=0, snapshot_after_train="true",
+                     random_seed=-1)
     log = (tmp_path / "log.txt").open("w")
     job = subprocess.Popen(_command(2, ["-m", "engine", "train", solver, "--sigint_effect",
                                         sigint_effect]),
@@ -265,6 +267,7 @@ def test_sigint_to_one_rank_stops_every_rank_after_the_same_iteration(tmp_path):
     log = (tmp_path / "log.txt").read_text()
     assert job.returncode == 0, log[-2000:]
     assert "Optimization stopped early." in log
+    assert "No random_seed in the solver: all 2 ranks use" in log
     snapshots = sorted(p.name for p in (tmp_path / "run").iterdir())
     assert len(snapshots) == 2 and snapshots[0].endswith(".caffemodel")
 

@@ -432,16 +432,15 @@ def check_snapshot(state_path: str) -> tuple[StoredState, str | None]:
     model = _find_learned_net(stored.learned_net, state_path)
     resume = stored.resume
     if resume is not None and resume.HasField("learned_net_sha256"):
-        size = os.path.getsize(model)
-        if size != resume.learned_net_size:
-            raise SolverError(f"the model '{model}' is {size} bytes, but the solver state "
-                              f"'{state_path}' was written with one of "
-                              f"{resume.learned_net_size} bytes: the model is truncated or was "
-                              f"replaced")
-        if file_digest(model)[1] != resume.learned_net_sha256:
-            raise SolverError(f"the model '{model}' is not the one the solver state "
-                              f"'{state_path}' was written with (its SHA-256 differs): it is "
-                              f"corrupt or was replaced")
+        problem = _model_mismatch(model, resume, state_path)
+        beside = os.path.join(os.path.dirname(state_path), os.path.basename(model))
+        # learned_net is relative to where training ran: another run's file may sit there
+        if (problem and os.path.isfile(beside) and not os.path.samefile(beside, model)
+                and _model_mismatch(beside, resume, state_path) is None):
+            log.info("%s; using %s beside the solver state", problem, beside)
+            return stored, beside
+        if problem:
+            raise SolverError(problem)
     else:
         try:
             read_net_binary(model)  # binary or HDF5, by signature
@@ -449,6 +448,19 @@ def check_snapshot(state_path: str) -> tuple[StoredState, str | None]:
             raise SolverError(f"the model '{model}' named by '{state_path}' is unreadable: "
                               f"{exc}") from None
     return stored, model
+
+
+def _model_mismatch(model: str, resume, state_path: str) -> str | None:
+    """Why ``model`` is not the file the state was written with (size, then SHA-256); or None."""
+    size = os.path.getsize(model)
+    if size != resume.learned_net_size:
+        return (f"the model '{model}' is {size} bytes, but the solver state '{state_path}' was "
+                f"written with one of {resume.learned_net_size} bytes: the model is truncated "
+                f"or was replaced")
+    if file_digest(model)[1] != resume.learned_net_sha256:
+        return (f"the model '{model}' is not the one the solver state '{state_path}' was "
+                f"written with (its SHA-256 differs): it is corrupt or was replaced")
+    return None
 
 
 def snapshot_files(prefix: str) -> list[tuple[int, str]]:

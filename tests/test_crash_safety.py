@@ -355,3 +355,21 @@ def test_engine_classify_refuses_a_pickled_npy(tmp_path):
     np.save(tmp_path / "ok.npy", np.arange(3.0))
     assert _load_npy(str(tmp_path / "ok.npy"), "input_file").tolist() == [0.0, 1.0, 2.0]
 
+
+
+def test_a_moved_run_prefers_the_matching_model_beside_its_state(run, tmp_path, monkeypatch):
+    """learned_net is relative to where training ran; elsewhere a different run's model may sit
+    at that path: the checksum picks the one beside the state."""
+    run().step(3)
+    os.rename(tmp_path / "snap", tmp_path / "moved")
+    other = tmp_path / "elsewhere"
+    (other / "snap").mkdir(parents=True)
+    (other / "snap" / "crash_iter_3.caffemodel").write_bytes(b"another run's model")
+    monkeypatch.chdir(other)
+    state = str(tmp_path / "moved" / "crash_iter_3.solverstate")
+    _, model = snapshots.check_snapshot(state)
+    assert model == str(tmp_path / "moved" / "crash_iter_3.caffemodel")
+    os.remove(tmp_path / "moved" / "crash_iter_3.caffemodel")
+    with pytest.raises(SolverError, match=r"the model 'snap/crash_iter_3\.caffemodel' is 19 "
+                       r"bytes, but the solver state .* was written with one of \d+ bytes"):
+        snapshots.check_snapshot(state)

@@ -1,10 +1,15 @@
-"""Moka against PyTorch (CPU, float32) on Caffe's LeNet and CIFAR10-quick.
+"""Moka against PyTorch (CPU, float32) on Caffe's LeNet, CIFAR10-quick and AlexNet.
 
-Two measurements per net, on random data that stays in place (no data loading):
+Measurements, on random data that stays in place (no data loading):
   fwd+bwd  forward + backward (parameter gradients reset first), as ``caffe time`` measures;
   train    a full training iteration: forward + backward + SGD update with momentum 0.9 and
            weight decay 5e-4 -- Moka through ``solvers`` (``solver.step(1)``), PyTorch through
-           ``torch.optim.SGD``.
+           ``torch.optim.SGD``;
+  deploy   a TEST-phase forward of the deploy net (no loss, no gradients): Moka's
+           ``net.forward()``, PyTorch's model in ``eval()`` under ``torch.no_grad()``.
+LeNet and CIFAR10-quick get fwd+bwd and train, AlexNet (batch 10) fwd+bwd and deploy. Each
+process also reports its peak resident memory (``ru_maxrss``: the net, its buffers and the
+libraries loaded; PyTorch's libraries alone take a few hundred MB).
 
 Every (round, net, measurement, contender) runs in a fresh process: it builds the net, warms
 up, then times ``--iters`` iterations and reports their median and minimum. Contenders
@@ -13,8 +18,10 @@ shows the median over rounds with the ratio Moka/PyTorch of those medians, the r
 per-round ratios (each pair ran back to back), and the best single iterations with their ratio,
 which is what is left when other processes compete for the CPUs.
 
-    python tests/benchmarks/bench_nets.py [--rounds 5] [--iters 20] [--nets lenet,cifar]
-                                          [--threads 2] [--profile]
+    python tests/benchmarks/bench_nets.py [--rounds 5] [--iters 20]
+                                          [--nets lenet,cifar,alexnet] [--threads 2] [--profile]
+
+AlexNet runs ``--iters // 4`` timed iterations (at least 3) after one warm-up.
 
 ``--profile`` times one Moka training iteration per layer (forward and backward ms, the update)
 in this process and lists the hottest functions under cProfile, instead of the comparison.
@@ -31,6 +38,7 @@ import importlib.util
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -40,13 +48,14 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 CONTENDERS = ("moka", "torch")
-MODES = {"fwdbwd": "fwd+bwd", "train": "train iteration"}
-THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
-                    "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
+MODES = {"fwdbwd": "fwd+bwd", "train": "train iteration", "deploy": "deploy forward"}
+THREAD_VARIABLES = ("MOKA_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                    "MKL_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
 
 # The architectures, shared by both contenders so that they cannot drift apart:
-# ("conv", num_output, kernel, pad), ("pool", "MAX" | "AVE", kernel, stride), ("relu",),
-# ("ip", num_output). Strides of convolutions are 1; ReLUs work in place, as in Caffe's files.
+# ("conv", num_output, kernel, pad[, stride, group]), ("pool", "MAX" | "AVE", kernel, stride),
+# ("relu",), ("ip", num_output), ("lrn", local_size, alpha, beta) (across channels, k = 1),
+# ("drop", ratio). ReLUs and dropouts work in place, as in Caffe's files.
 NETS = {
     # Caffe's examples/mnist/lenet_train_test.prototxt
     "lenet": {
@@ -61,18 +70,40 @@ NETS = {
                    ("relu",), ("pool", "AVE", 3, 2), ("conv", 64, 5, 2), ("relu",),
                    ("pool", "AVE", 3, 2), ("ip", 64), ("ip", 10)],
     },
+    # Caffe's models/bvlc_alexnet (deploy.prototxt; train_val.prototxt's layers for fwd+bwd)
+    "alexnet": {
+        "input": (10, 3, 227, 227),
+        "layers": [("conv", 96, 11, 0, 4, 1), ("relu",), ("lrn", 5, 1e-4, 0.75),
+                   ("pool", "MAX", 3, 2), ("conv", 256, 5, 2, 1, 2), ("relu",),
+                   ("lrn", 5, 1e-4, 0.75), ("pool", "MAX", 3, 2), ("conv", 384, 3, 1),
+                   ("relu",), ("conv", 384, 3, 1, 1, 2), ("relu",), ("conv", 256, 3, 1, 1, 2),
+                   ("relu",), ("pool", "MAX", 3, 2), ("ip", 4096), ("relu",), ("drop", 0.5),
+                   ("ip", 4096), ("relu",), ("drop", 0.5), ("ip", 1000)],
+        "modes": ("fwdbwd", "deploy"),
+        "iters_divisor": 4,
+    },
 }
+DEFAULT_MODES = ("fwdbwd", "train")
 SOLVER = {"base_lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4}
 
 
 # -- Moka --------------------------------------------------------------------------------------
-def moka_prototxt(name: str) -> str:
-    """The net as Caffe's prototxt: an Input layer for data and label, SoftmaxWithLoss on top."""
+def net_modes(name: str) -> tuple[str, ...]:
+    return NETS[name].get("modes", DEFAULT_MODES)
+
+
+def moka_prototxt(name: str, deploy: bool = False) -> str:
+    """The net as Caffe's prototxt: an Input layer for data and label, SoftmaxWithLoss on top;
+    with ``deploy``, data only and no loss."""
     spec = NETS[name]
     dims = " ".join(f"dim: {d}" for d in spec["input"])
-    lines = [f'name: "{name}"',
-             'layer { name: "data" type: "Input" top: "data" top: "label" '
-             f"input_param {{ shape {{ {dims} }} shape {{ dim: {spec['input'][0]} }} }} }}"]
+    if deploy:
+        lines = [f'name: "{name}"', 'layer { name: "data" type: "Input" top: "data" '
+                 f"input_param {{ shape {{ {dims} }} }} }}"]
+    else:
+        lines = [f'name: "{name}"',
+                 'layer { name: "data" type: "Input" top: "data" top: "label" '
+                 f"input_param {{ shape {{ {dims} }} shape {{ dim: {spec['input'][0]} }} }} }}"]
     bottom = "data"
     counts: dict[str, int] = {}
     learned = "param { lr_mult: 1 } param { lr_mult: 2 } "
@@ -81,9 +112,10 @@ def moka_prototxt(name: str) -> str:
         counts[kind] = counts.get(kind, 0) + 1
         top = f"{kind}{counts[kind]}"
         if kind == "conv":
-            n, k, pad = args
+            n, k, pad, stride, group = (*args, 1, 1)[:5]
             body = (f'type: "Convolution" {learned}convolution_param {{ num_output: {n} '
-                    f"kernel_size: {k} pad: {pad} stride: 1 {fillers} }}")
+                    f"kernel_size: {k} pad: {pad} stride: {stride} group: {group} "
+                    f"{fillers} }}")
         elif kind == "pool":
             pool, k, stride = args
             body = (f'type: "Pooling" pooling_param {{ pool: {pool} kernel_size: {k} '
@@ -91,13 +123,20 @@ def moka_prototxt(name: str) -> str:
         elif kind == "ip":
             body = (f'type: "InnerProduct" {learned}inner_product_param {{ '
                     f"num_output: {args[0]} {fillers} }}")
+        elif kind == "lrn":
+            size, alpha, beta = args
+            body = (f'type: "LRN" lrn_param {{ local_size: {size} alpha: {alpha} '
+                    f"beta: {beta} }}")
+        elif kind == "drop":
+            body, top = f'type: "Dropout" dropout_param {{ dropout_ratio: {args[0]} }}', bottom
         else:
             body, top = 'type: "ReLU"', bottom  # in place
         lines.append(f'layer {{ name: "{kind}{counts[kind]}" {body} bottom: "{bottom}" '
                      f'top: "{top}" }}')
         bottom = top
-    lines.append(f'layer {{ name: "loss" type: "SoftmaxWithLoss" bottom: "{bottom}" '
-                 'bottom: "label" top: "loss" }')
+    if not deploy:
+        lines.append(f'layer {{ name: "loss" type: "SoftmaxWithLoss" bottom: "{bottom}" '
+                     'bottom: "label" top: "loss" }')
     return "\n".join(lines) + "\n"
 
 
@@ -128,11 +167,32 @@ def fill_inputs(net, name: str) -> None:
 
     rng = np.random.default_rng(0)
     net.blobs["data"].data[...] = rng.uniform(0, 1, net.blobs["data"].shape)
-    net.blobs["label"].data[...] = rng.integers(0, 10, net.blobs["label"].shape)
+    if "label" in net.blobs:
+        net.blobs["label"].data[...] = rng.integers(0, 10, net.blobs["label"].shape)
+
+
+def moka_deploy_net(name: str):
+    """The deploy net in the TEST phase, Xavier weights, random input."""
+    import numpy as np
+
+    from engine import TEST, Net, caffe_pb2
+    from engine.io import parse_text
+
+    param = parse_text(moka_prototxt(name, deploy=True), caffe_pb2.NetParameter)
+    net = Net(param, TEST, rng=np.random.default_rng(1701))
+    fill_inputs(net, name)
+    return net
 
 
 def moka_step(name: str, mode: str) -> Callable[[], float]:
     sys.path.insert(0, str(REPO))  # benchmark this checkout
+    if mode == "deploy":
+        deploy = moka_deploy_net(name)
+        output = deploy.outputs[0]
+
+        def forward() -> float:
+            return float(deploy.forward()[output].ravel()[0])
+        return forward
     solver = moka_solver(name)
     net = solver.net
     if mode == "train":
@@ -156,8 +216,8 @@ def torch_model(name: str):
     shape = spec["input"][1:]
     for kind, *args in spec["layers"]:
         if kind == "conv":
-            n, k, pad = args
-            modules.append(nn.Conv2d(shape[0], n, k, stride=1, padding=pad))
+            n, k, pad, stride, group = (*args, 1, 1)[:5]
+            modules.append(nn.Conv2d(shape[0], n, k, stride=stride, padding=pad, groups=group))
         elif kind == "pool":
             pool, k, stride = args
             layer = nn.MaxPool2d if pool == "MAX" else nn.AvgPool2d
@@ -166,6 +226,11 @@ def torch_model(name: str):
             if len(shape) > 1:
                 modules.append(nn.Flatten())
             modules.append(nn.Linear(int(torch.tensor(shape).prod()), args[0]))
+        elif kind == "lrn":
+            size, alpha, beta = args
+            modules.append(nn.LocalResponseNorm(size, alpha, beta, k=1.0))  # Caffe's alpha/n
+        elif kind == "drop":
+            modules.append(nn.Dropout(args[0]))  # in place would break autograd after ReLU
         else:
             modules.append(nn.ReLU(inplace=True))
         with torch.no_grad():
@@ -178,9 +243,16 @@ def torch_step(name: str, mode: str, threads: int) -> Callable[[], float]:
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model = torch_model(name).train()
     batch = NETS[name]["input"]
     x = torch.rand(batch)
+    if mode == "deploy":
+        model = torch_model(name).eval()
+
+        def forward() -> float:
+            with torch.no_grad():
+                return model(x)[0, 0].item()
+        return forward
+    model = torch_model(name).train()
     y = torch.randint(0, 10, (batch[0],))
     criterion = torch.nn.CrossEntropyLoss()
     optimizer = torch.optim.SGD(model.parameters(), lr=SOLVER["base_lr"],
@@ -206,16 +278,26 @@ def worker(args: argparse.Namespace) -> None:
         step = torch_step(args.net, args.mode, args.threads)
         import torch
         version = torch.__version__
-    for _ in range(args.warmup):
+    warmup, iters = scaled_iterations(args.net, args.warmup, args.iters)
+    for _ in range(warmup):
         step()
     times = []
     loss = float("nan")
-    for _ in range(args.iters):
+    for _ in range(iters):
         start = time.perf_counter()
         loss = step()
         times.append((time.perf_counter() - start) * 1e3)
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux
     print(json.dumps({"median_ms": statistics.median(times), "min_ms": min(times),
-                      "loss": loss, "version": version}))
+                      "loss": loss, "version": version, "peak_rss_mb": rss_mb}))
+
+
+def scaled_iterations(name: str, warmup: int, iters: int) -> tuple[int, int]:
+    """(warm-up, timed) iterations for ``name``: the big nets run fewer."""
+    divisor = NETS[name].get("iters_divisor", 1)
+    if divisor == 1:
+        return warmup, iters
+    return min(warmup, 1), max(3, iters // divisor)
 
 
 def measure(contender: str, net: str, mode: str, args: argparse.Namespace) -> dict:
@@ -232,13 +314,13 @@ def measure(contender: str, net: str, mode: str, args: argparse.Namespace) -> di
 
 # -- the comparison ------------------------------------------------------------------------------
 def compare(args: argparse.Namespace) -> dict:
-    results: dict = {net: {mode: {c: [] for c in CONTENDERS} for mode in MODES}
+    results: dict = {net: {mode: {c: [] for c in CONTENDERS} for mode in net_modes(net)}
                      for net in args.nets}
     versions = {}
     for r in range(args.rounds):
         order = CONTENDERS if r % 2 == 0 else CONTENDERS[::-1]
         for net in args.nets:
-            for mode in MODES:
+            for mode in net_modes(net):
                 for contender in order:
                     got = measure(contender, net, mode, args)
                     results[net][mode][contender].append(got)
@@ -256,11 +338,15 @@ def report(results: dict, versions: dict, args: argparse.Namespace) -> None:
     print(f"Moka vs PyTorch {versions.get('torch', '?')} CPU, numpy {np.__version__}, "
           f"{args.threads} threads, {cpu_name()} ({os.cpu_count()} CPUs), "
           f"{time.strftime('%Y-%m-%d')}")
-    print(f"{args.rounds} rounds x {args.iters} iterations after {args.warmup} warm-up, "
-          "a fresh process per measurement")
-    print(f"{'':<24}{'median over rounds (ms)':^31}{'best iteration (ms)':^27}")
-    print(f"{'net':<7}{'measure':<17}{'Moka':>9}{'PyTorch':>9}{'ratio':>7}"
-          f"{'per-round':>11}{'Moka':>9}{'PyTorch':>9}{'ratio':>7}")
+    big = scaled_iterations("alexnet", args.warmup, args.iters)
+    print(f"{args.rounds} rounds x {args.iters} iterations after {args.warmup} warm-up "
+          f"(AlexNet {big[1]} after {big[0]}), a fresh process per measurement, load average "
+          f"{load_average()} at the end")
+    print(f"{'':<24}{'median over rounds (ms)':^31}{'best iteration (ms)':^27}"
+          f"{'peak RSS (MB)':^20}")
+    print(f"{'net':<8}{'measure':<16}{'Moka':>9}{'PyTorch':>9}{'ratio':>7}"
+          f"{'per-round':>11}{'Moka':>9}{'PyTorch':>9}{'ratio':>7}{'Moka':>9}{'PyTorch':>9}")
+    caffe_lines = []
     for net, modes in results.items():
         for mode, runs in modes.items():
             moka = [run["median_ms"] for run in runs["moka"]]
@@ -269,11 +355,44 @@ def report(results: dict, versions: dict, args: argparse.Namespace) -> None:
             best_moka = min(run["min_ms"] for run in runs["moka"])
             best_torch = min(run["min_ms"] for run in runs["torch"])
             median_moka, median_torch = statistics.median(moka), statistics.median(torch)
-            print(f"{net:<7}{MODES[mode]:<17}{median_moka:>9.1f}{median_torch:>9.1f}"
+            rss = {c: max(run.get("peak_rss_mb", 0) for run in runs[c]) for c in CONTENDERS}
+            print(f"{net:<8}{MODES[mode]:<16}{median_moka:>9.1f}{median_torch:>9.1f}"
                   f"{median_moka / median_torch:>7.2f}"
                   f"{f'{min(ratios):.2f}-{max(ratios):.2f}':>11}"
-                  f"{best_moka:>9.1f}{best_torch:>9.1f}{best_moka / best_torch:>7.2f}")
-    print("ratio = Moka / PyTorch; per-round: the range of the ratios of pairs run back to back")
+                  f"{best_moka:>9.1f}{best_torch:>9.1f}{best_moka / best_torch:>7.2f}"
+                  f"{rss['moka']:>9.0f}{rss['torch']:>9.0f}")
+            caffe = CAFFE.get((net, mode))
+            if caffe:
+                caffe_lines.append(caffe_comparison(net, mode, caffe, moka, rss["moka"]))
+    print("ratio = Moka / PyTorch; per-round: the range of the ratios of pairs run back to back;"
+          " peak RSS: the largest over rounds, of the whole measuring process")
+    if caffe_lines:
+        print("Against BVLC Caffe 1.0 CPU (OpenBLAS), its figures quoted from the project's "
+              "issue 9 (same machine type), not measured here:")
+        for line in caffe_lines:
+            print("  " + line)
+
+
+# BVLC Caffe 1.0 CPU with OpenBLAS on this machine type (issue 9; `caffe time` and
+# `/usr/bin/time -f %M`): forward+backward ms as a range, peak RSS in MB.
+CAFFE = {
+    ("alexnet", "fwdbwd"): {"ms": (370.0, 470.0), "rss_mb": 678.0},
+    ("alexnet", "deploy"): {"rss_mb": 509.0},
+    ("cifar", "fwdbwd"): {"rss_mb": 108.0},
+}
+
+
+def caffe_comparison(net: str, mode: str, caffe: dict, moka_ms: list[float],
+                     moka_rss: float) -> str:
+    parts = [f"{net} {MODES[mode]}:"]
+    if "ms" in caffe:
+        low, high = caffe["ms"]
+        median = statistics.median(moka_ms)
+        parts.append(f"time {median:.0f} ms vs Caffe's {low:.0f}-{high:.0f} ms = "
+                     f"{median / high:.2f}-{median / low:.2f}x Caffe's time;")
+    parts.append(f"peak RSS {moka_rss:.0f} MB vs Caffe's {caffe['rss_mb']:.0f} MB = "
+                 f"{moka_rss / caffe['rss_mb']:.2f}x")
+    return " ".join(parts)
 
 
 def load_average() -> str:
@@ -372,7 +491,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=5, help="rounds (fresh processes each)")
     parser.add_argument("--iters", type=int, default=20, help="timed iterations per process")
     parser.add_argument("--warmup", type=int, default=3, help="untimed iterations first")
-    parser.add_argument("--nets", default="lenet,cifar", help="comma-separated: lenet,cifar")
+    parser.add_argument("--nets", default="lenet,cifar,alexnet",
+                        help="comma-separated: lenet,cifar,alexnet")
     parser.add_argument("--threads", type=int, default=2,
                         help="threads for PyTorch and for numpy's BLAS (OMP/OPENBLAS/MKL)")
     parser.add_argument("--profile", action="store_true",

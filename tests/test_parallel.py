@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from layer_helpers import blob_of, make_layer
 
-from engine import parallel
+from engine import kernels, parallel
 from engine.layers import pooling as pooling_module
 
 REPO = Path(__file__).resolve().parents[1]
@@ -124,6 +124,7 @@ LAYERS = [
 @pytest.mark.parametrize("text", LAYERS)
 def test_results_do_not_depend_on_the_thread_count(threads, monkeypatch, text):
     monkeypatch.setattr(pooling_module, "POOL_BLOCK_WORK", 200)  # several blocks per thread
+    monkeypatch.setattr(kernels, "CONV_BLOCK_BYTES", 20000)  # convolution over batch blocks
     # integers in the input make ties, so the max pool's first-maximum rule is exercised too
     rng = np.random.default_rng(0)
     x = rng.integers(-3, 4, (7, 4, 11, 10)) + rng.standard_normal((7, 4, 11, 10)) * (rng.random(

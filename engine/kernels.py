@@ -91,6 +91,7 @@ class Workspace:
     def __init__(self) -> None:
         self._arrays: dict[str, np.ndarray] = {}
         self._children: dict[object, Workspace] = {}
+        self.kept: np.ndarray | None = None  # a result its user keeps here between calls
 
     def child(self, key: object) -> Workspace:
         """A workspace of its own under ``key`` (kept): batch blocks of different lengths get
@@ -293,28 +294,36 @@ def _column_bytes(x: np.ndarray, geom: ConvGeometry) -> int:
 
 
 def conv_forward_blocked(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None,
-                         geom: ConvGeometry, ws: Workspace, out: np.ndarray) -> None:
+                         geom: ConvGeometry, ws: Workspace, out: np.ndarray) -> int:
     """``conv_forward`` over blocks of the batch (``conv_blocks``), each block's columns built,
     multiplied and written out (the bias added in that same pass) while they are in cache.
-    Keeps no columns."""
-    for start, stop in conv_blocks(x.shape[0], _column_bytes(x, geom)):
-        conv_forward(x[start:stop], weight, bias, geom, ws.child(stop - start),
-                     out[start:stop])
+    Returns the number of blocks; when it is 1, the batch's columns stay in ``ws`` for
+    ``conv_backward_blocked(..., columns_kept=True)``."""
+    blocks = conv_blocks(x.shape[0], _column_bytes(x, geom))
+    for start, stop in blocks:
+        work = ws.child(stop - start)
+        work.kept = conv_forward(x[start:stop], weight, bias, geom, work, out[start:stop])
+    return len(blocks)
 
 
 def conv_backward_blocked(dy: np.ndarray, x: np.ndarray, weight: np.ndarray,
                           geom: ConvGeometry, ws: Workspace, weight_diff: np.ndarray | None,
-                          bias_diff: np.ndarray | None, dx: np.ndarray | None) -> None:
+                          bias_diff: np.ndarray | None, dx: np.ndarray | None,
+                          columns_kept: bool = False) -> None:
     """Backward of ``conv_forward_blocked``: per block of the batch, its columns again (cheap
     while cached, and no batch-sized matrix is kept from the forward), the parameter gradients
-    accumulated (+=) and the input gradient written; any of the three may be None."""
+    accumulated (+=) and the input gradient written; any of the three may be None. With
+    ``columns_kept`` (the caller knows that the forward on this same ``x`` was one block and
+    ``ws`` has built nothing since), that forward's columns are used as they are."""
     if weight_diff is None and bias_diff is None and dx is None:
         return
-    for start, stop in conv_blocks(x.shape[0], _column_bytes(x, geom)):
+    blocks = conv_blocks(x.shape[0], _column_bytes(x, geom))
+    for start, stop in blocks:
         work = ws.child(stop - start)
         block_dy = dy[start:stop]
         if weight_diff is not None:
-            matrix = conv_columns(x[start:stop], geom, work)
+            kept = work.kept if columns_kept and len(blocks) == 1 else None
+            matrix = kept if kept is not None else conv_columns(x[start:stop], geom, work)
             conv_backward_params(block_dy, matrix, geom, work, weight_diff, bias_diff)
         elif bias_diff is not None:
             bias_diff += block_dy.sum(axis=(0, *range(2, dy.ndim)))

@@ -34,7 +34,10 @@ class Convolution(Layer):
     (``kernels.conv_forward_blocked``); with one filter per channel
     (``group == channels == num_output``: depthwise) a direct kernel instead
     (engine/depthwise_kernels.py). Backward builds each block's columns again rather than
-    keeping the batch's.
+    keeping the batch's, unless the batch was one block: then the forward's columns are still
+    in the workspace, and are reused when the bottom array is the same object (the Net never
+    rewrites a bottom between a layer's forward and its backward; an in-place writer gets a
+    Split copy).
     """
 
     backward_needs_bottom_data = True
@@ -59,6 +62,7 @@ class Convolution(Layer):
         self.param_propagate_down = [True] * len(self.blobs)
         self._work: dict[int, Workspace] = {}  # per bottom (depthwise kernel's buffers)
         self._scratch = Workspace()  # im2col buffers shared by all bottoms
+        self._kept_for: np.ndarray | None = None  # the bottom array whose columns _scratch holds
 
     def read_geometry(self, bottom: Blob) -> tuple[tuple[int, ...], ...]:
         """Read ``convolution_param``: sets ``self.axis``; returns kernel, stride, pad and
@@ -163,8 +167,10 @@ class Convolution(Layer):
                                   self.geom, self._work.setdefault(i, Workspace()),
                                   self._nchw(t.data, self.num_output))
                 continue
-            conv_forward_blocked(self._nchw(b.data, self.channels), self.blobs[0].data, bias,
-                                 self.geom, self._scratch, self._nchw(t.data, self.num_output))
+            blocks = conv_forward_blocked(self._nchw(b.data, self.channels), self.blobs[0].data,
+                                          bias, self.geom, self._scratch,
+                                          self._nchw(t.data, self.num_output))
+            self._kept_for = b.data if blocks == 1 and len(bottom) == 1 else None
 
     def backward(self, top: list[Blob], propagate_down: Sequence[bool],
                  bottom: list[Blob]) -> None:
@@ -180,5 +186,6 @@ class Convolution(Layer):
                                    weight_diff, bias_diff, dx)
                 continue
             dx = self._nchw(b.diff, self.channels) if propagate_down[i] else None
+            kept = self._kept_for is b.data and len(bottom) == 1
             conv_backward_blocked(dy, self._nchw(b.data, self.channels), self.blobs[0].data,
-                                  self.geom, self._scratch, weight_diff, bias_diff, dx)
+                                  self.geom, self._scratch, weight_diff, bias_diff, dx, kept)

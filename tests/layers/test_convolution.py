@@ -312,3 +312,24 @@ def test_gradient_in_batch_blocks(small_blocks, shape, params):
     small_blocks(2 * kernels._column_bytes(x.data, layer.geom))  # blocks of 1 and 2 images
     assert check_gradient(layer, [x], top) > 0
 
+
+
+@pytest.mark.parametrize(("block_bytes", "rebuilt"), [(None, 0), (1, 3)])
+def test_backward_reuses_the_columns_of_a_one_block_forward(monkeypatch, block_bytes, rebuilt):
+    if block_bytes is not None:
+        monkeypatch.setattr(kernels, "CONV_BLOCK_BYTES", block_bytes)  # one image a block
+    x = random_blob((3, 2, 5, 5))
+    layer, top = conv("num_output: 2 kernel_size: 3", [x])
+    layer.forward([x], top)
+    built = []
+    original = kernels.conv_columns
+    monkeypatch.setattr(kernels, "conv_columns",
+                        lambda *args: built.append(1) or original(*args))
+    top[0].diff[...] = 1
+    layer.backward(top, [True], [x])
+    assert len(built) == rebuilt
+    fresh, fresh_top = conv("num_output: 2 kernel_size: 3", [x])
+    fresh.blobs[0].data[...] = layer.blobs[0].data
+    fresh_top[0].diff[...] = 1
+    fresh.backward(fresh_top, [True], [x])  # no forward: its columns are built
+    np.testing.assert_allclose(layer.blobs[0].diff, fresh.blobs[0].diff, rtol=1e-12)

@@ -74,10 +74,11 @@ def connect(force: bool = False) -> DataParallel | None:
         mpi4py.rc.thread_level = "funneled"  # only the main thread calls MPI
         from mpi4py import MPI
     except ImportError as exc:
+        launch = (f"rank {rank} of {size}: launched as one of {size} MPI processes" if size > 1
+                  else "--mpi asks for MPI")
         raise DistributedError(
-            f"rank {rank} of {size}: launched as one of {size} MPI processes, but mpi4py cannot "
-            f"be imported ({exc}); install the MPI extra: {INSTALL_HINT}, or run one process "
-            "without mpiexec") from exc
+            f"{launch}, but mpi4py cannot be imported ({exc}); install the MPI extra: "
+            f"{INSTALL_HINT}, or run one process without mpiexec") from exc
     return DataParallel(MPI)
 
 

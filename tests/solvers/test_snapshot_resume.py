@@ -280,3 +280,31 @@ def test_resume_with_random_crops_and_mirrors(resume_setup, tmp_path):
     resumed.restore(str(tmp_path / "first_iter_4.solverstate"))
     resumed.step(2)
     assert_same_solver_state(straight, resumed)
+
+
+@pytest.mark.parametrize("prefetching", [True, False], ids=["prefetch", "no-prefetch"])
+def test_resume_is_exact_with_data_prefetching_on_or_off(resume_setup, tmp_path, prefetching):
+    """Snapshots taken while the Data layer (and the HDF5Data of the default net) holds a
+    prefetched batch; the resumed run and an uninterrupted one match, and the two settings
+    train the same."""
+    from engine.data import prefetch
+
+    previous = prefetch.set_enabled(prefetching)
+    try:
+        net = crop_net(tmp_path)
+        straight = resume_setup("SGD", name="straight", net=net)
+        straight.step(6)
+        first = resume_setup("SGD", "snapshot: 3", name="first", net=net)
+        first.step(3)
+        assert first.net.layers[0].prefetch.pending == prefetching
+        resumed = resume_setup("SGD", name="resumed", net=net)
+        resumed.step(1)  # a prefetched batch at another position, dropped by the restore
+        resumed.restore(str(tmp_path / "first_iter_3.solverstate"))
+        resumed.step(3)
+        assert_same_solver_state(straight, resumed)
+    finally:
+        prefetch.set_enabled(previous)
+    other = resume_setup("SGD", name="other", net=net)
+    other.step(6)  # with the default setting
+    for a, b in zip(straight.net.learnable_params, other.net.learnable_params, strict=True):
+        np.testing.assert_array_equal(a.data, b.data)

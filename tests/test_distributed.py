@@ -370,3 +370,85 @@ def test_image_data_share_loads_only_this_ranks_images(tmp_path):
         np.testing.assert_array_equal(top[0].data[:, 0, 0, 0], top[1].data * 10)
     assert labels == [1, 3, 0, 2, 4, 1]  # records 1, 3, 5 = 0 (wrapped), 7 = 2, ...
     assert layer.get_state()["cursor"] == 3 * 2 * 2 % 5
+
+
+# -- the reduction's order, with a stand-in for MPI -----------------------------------------
+class _FakeMPI:
+    """Two ranks holding the same gradients: each allreduce doubles its buffer."""
+
+    IN_PLACE, SUM, MAX = object(), "sum", "max"
+
+    class Request:
+        @staticmethod
+        def Testall(requests) -> bool:
+            return True
+
+    def __init__(self, events: list) -> None:
+        self.COMM_WORLD = self
+        self.events = events
+
+    def Get_rank(self) -> int:
+        return 0
+
+    def Get_size(self) -> int:
+        return 2
+
+    def allgather(self, value):
+        return [value, value]
+
+    def Iallreduce(self, where, buffer, op):
+        assert where is self.IN_PLACE
+        self.events.append(("reduce", buffer.size))
+        if op == self.SUM:
+            buffer *= 2
+        return object()
+
+
+FAKE_NET = """name: "fake"
+layer { name: "d" type: "DummyData" top: "data" top: "label"
+        dummy_data_param { shape { dim: 4 dim: 1 dim: 6 dim: 6 } shape { dim: 4 }
+                           data_filler { type: "gaussian" } data_filler { type: "constant" } } }
+layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
+        convolution_param { num_output: 3 kernel_size: 3 weight_filler { type: "xavier" } } }
+layer { name: "ip" type: "InnerProduct" bottom: "conv" top: "ip"
+        inner_product_param { num_output: 3 weight_filler { type: "xavier" } } }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "loss" }
+"""
+
+
+def _fake_solver(layer_wise: bool, events: list | None):
+    from engine import caffe_pb2
+    from engine.io import parse_text
+    from solvers import get_solver
+
+    param = caffe_pb2.SolverParameter(base_lr=0.1, momentum=0.9, lr_policy="fixed",
+                                      max_iter=10, random_seed=3, layer_wise_reduce=layer_wise)
+    param.net_param.CopyFrom(parse_text(FAKE_NET, caffe_pb2.NetParameter))
+    solver = get_solver(param)
+    if events is not None:
+        distributed.DataParallel(_FakeMPI(events)).attach(solver)
+        solver.net.before_backward(lambda i: events.append(("backward", i)))
+    return solver
+
+
+@pytest.mark.parametrize("layer_wise", [True, False])
+def test_layer_wise_reduce_starts_each_layers_reduction_after_its_backward(layer_wise):
+    events: list = []
+    solver = _fake_solver(layer_wise, events)
+    alone = _fake_solver(layer_wise, None)
+    events.clear()  # the parameter check
+    solver.step(1)
+    alone.step(1)
+    sizes = [blob.count for blob in solver.net.learnable_params]  # conv W, b; ip W, b
+    # layers: 0 data, 1 conv, 2 ip, 3 loss; ("backward", i) is logged as layer i's starts
+    if layer_wise:  # ip's gradients leave before conv's backward starts
+        assert events[:8] == [("backward", 3), ("backward", 2), ("reduce", sizes[2]),
+                              ("reduce", sizes[3]), ("backward", 1), ("reduce", sizes[0]),
+                              ("reduce", sizes[1]), ("backward", 0)]
+    else:  # one fused reduction after the whole backward
+        assert events[:5] == [("backward", 3), ("backward", 2), ("backward", 1),
+                              ("backward", 0), ("reduce", sum(sizes))]
+    # then the loss with rank 0's lr step, and the signal flags (no handlers here: none)
+    assert events[-2:] == [("reduce", 2), ("reduce", 0)]
+    for a, b in zip(solver.net.learnable_params, alone.net.learnable_params, strict=True):
+        np.testing.assert_array_equal(a.data, b.data)  # (g + g) / 2 == g exactly

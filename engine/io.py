@@ -17,6 +17,7 @@ import re
 import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
+from io import BytesIO
 from pathlib import Path
 from typing import TypeVar
 
@@ -444,13 +445,28 @@ def write_binary(message: Message, path: PathLike) -> None:
     _write_bytes(message.SerializeToString(), path)
 
 
-def write_net_hdf5(net: caffe_pb2.NetParameter, path: PathLike, write_diff: bool = False) -> None:
-    """Write a net's blobs in Caffe's HDF5 model layout (``/data/<layer>/<i>``), atomically."""
+@contextmanager
+def hdf5_writer(path: PathLike) -> Iterator:
+    """An ``h5py.File`` built in memory, written to ``path`` by plain file I/O when done.
+
+    HDF5 writes much of a file when it closes it, and h5py only prints a failure there (a full
+    disk): the file would look whole. Writing the finished bytes ourselves makes any failure an
+    OSError, which the atomic writers turn into an error that keeps the previous file.
+    """
     import h5py
 
+    buffer = BytesIO()
+    with h5py.File(buffer, "w") as f:
+        yield f
+    with open(path, "wb") as out:
+        out.write(buffer.getbuffer())
+
+
+def write_net_hdf5(net: caffe_pb2.NetParameter, path: PathLike, write_diff: bool = False) -> None:
+    """Write a net's blobs in Caffe's HDF5 model layout (``/data/<layer>/<i>``), atomically."""
     from engine.blob import blob_proto_array
 
-    with _atomic_target(path) as tmp, h5py.File(tmp, "w") as f:
+    with _atomic_target(path) as tmp, hdf5_writer(tmp) as f:
         kinds = ("data", "diff") if write_diff else ("data",)
         for kind in kinds:
             root = f.create_group(kind)

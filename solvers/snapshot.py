@@ -26,7 +26,7 @@ from google.protobuf.message import DecodeError
 from engine import caffe_pb2
 from engine.blob import blob_proto_array, blob_proto_shape
 from engine.errors import MokaError, SolverError
-from engine.io import atomic_target, fill_blob_proto, read_net_binary
+from engine.io import atomic_target, fill_blob_proto, hdf5_writer, read_net_binary
 
 log = logging.getLogger("solvers")
 
@@ -171,10 +171,8 @@ def resume_state(solver):
 
 def _write_net_hdf5(net, path: str, write_diff: bool) -> None:
     """Caffe's Net::ToHDF5: ``/data/<layer>/<i>`` (and ``/diff``) for owned parameters only."""
-    import h5py
-
     owners = {id(blob) for blob in net.learnable_params}
-    with h5py.File(path, "w") as f:
+    with hdf5_writer(path) as f:
         groups = [("data", f.create_group("data"))]
         if write_diff:
             groups.append(("diff", f.create_group("diff")))
@@ -196,11 +194,9 @@ def _sealed(state) -> bytes:
 def _write_state_hdf5(state, path: str) -> None:
     """Caffe's SnapshotSolverStateToHDF5 layout, plus the resume block as an opaque dataset and
     ``moka_sha256``, a digest of the content (:func:`_hdf5_state_digest`)."""
-    import h5py
-
     history_arrays = [blob_proto_array(h, blob_proto_shape(h)) for h in state.history]
     resume = state.moka_resume.SerializeToString()
-    with h5py.File(path, "w") as f:
+    with hdf5_writer(path) as f:
         f.create_dataset("iter", data=np.array([state.iter], np.int32))
         _write_c_string(f, "learned_net", state.learned_net)
         f.create_dataset("current_step", data=np.array([state.current_step], np.int32))

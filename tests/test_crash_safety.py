@@ -373,3 +373,30 @@ def test_a_moved_run_prefers_the_matching_model_beside_its_state(run, tmp_path, 
     with pytest.raises(SolverError, match=r"the model 'snap/crash_iter_3\.caffemodel' is 19 "
                        r"bytes, but the solver state .* was written with one of \d+ bytes"):
         snapshots.check_snapshot(state)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs POSIX resource limits")
+def test_a_write_failing_inside_hdf5_leaves_no_snapshot_behind(tmp_path):
+    """HDF5 writes much of a file while closing it, where h5py only prints a failure: a real
+    write error (a file-size limit here, as a full disk would) must still stop the snapshot."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    crash_harness.write_run(tmp_path, max_iter=6, hdf5=True)
+    (tmp_path / "net.prototxt").write_text(
+        crash_harness.NET.replace("num_output: 8", "num_output: 500"))
+
+    def limit_file_size():  # the model (~20 kB) fits, the state (~30 kB) does not
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (25_000, 25_000))
+
+    done = subprocess.run([sys.executable, "-m", "engine", "train", "solver.prototxt"],
+                          cwd=tmp_path, env=crash_harness.engine_env(), capture_output=True,
+                          text=True, timeout=120, preexec_fn=limit_file_size)
+    assert done.returncode == 1
+    assert ("engine: error: cannot write snap/crash_iter_3.solverstate.h5: File too large"
+            in done.stderr)
+    assert "Traceback" not in done.stderr
+    assert os.listdir(tmp_path / "snap") == []  # no partial state, no orphaned model

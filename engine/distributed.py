@@ -136,8 +136,8 @@ class DataParallel:
         if differ:
             raise DistributedError(
                 f"rank(s) {differ} start from other parameters than rank 0; every rank must "
-                "build the net from the same files and a fixed random_seed (set random_seed in "
-                "the solver)")
+                "read the same net, solver and weights files (on a shared filesystem), so that "
+                "the same random_seed builds the same net")
         log.info("Parameters identical on all %d ranks (CRC %08x)", self.size, crcs[0])
 
     # -- the gradient reduction ---------------------------------------------------------------

@@ -103,10 +103,48 @@ class Blob:
     def __init__(self, shape: Sequence[int] = (), dtype: np.dtype | type = np.float32) -> None:
         self.dtype = np.dtype(dtype)
         self._data_buf = np.zeros(0, self.dtype)
-        self._diff_buf = np.zeros(0, self.dtype)
+        self._diff_buf: np.ndarray | None = None  # allocated when ``diff`` is first used
+        self._diff: np.ndarray | None = None
+        self._diff_of: Blob | None = None  # a blob whose diff this one's is a view of
         self.data = self._data_buf.reshape(0)
-        self.diff = self._diff_buf.reshape(0)
         self.reshape(shape)
+
+    # -- diff, allocated lazily --------------------------------------------------------------
+    @property
+    def diff(self) -> np.ndarray:
+        """The gradient array, allocated (zeros) on first use: a net that runs no backward
+        never creates one (engine/memory.py)."""
+        diff = self._diff
+        if diff is None:
+            shape = self.data.shape
+            if self._diff_of is not None:
+                diff = self._diff_of.diff.reshape(shape)
+            else:
+                count = self.data.size
+                if self._diff_buf is None or self._diff_buf.size < count:
+                    self._diff_buf = np.zeros(max(count, self._data_buf.size), self.dtype)
+                diff = self._diff_buf[:count].reshape(shape)
+            self._diff = diff
+        return diff
+
+    @diff.setter
+    def diff(self, value: np.ndarray) -> None:
+        self._diff = value
+        self._diff_of = None
+
+    @property
+    def has_diff(self) -> bool:
+        """Whether a diff array exists (was used, set or shared), without creating one."""
+        return self._diff is not None or self._diff_buf is not None
+
+    def view_diff_of(self, other: Blob) -> None:
+        """Make ``diff`` a view of ``other``'s (reshaped to this blob's shape), created only
+        when either is first used (Caffe's ShareDiff, lazily)."""
+        if other._diff is None and other._diff_of is None and other is not self:
+            self._diff = None
+            self._diff_of = other
+        else:
+            self.diff = other.diff.reshape(self.shape)
 
     # -- shape -------------------------------------------------------------------------------
     @property
@@ -151,9 +189,10 @@ class Blob:
             if budget is not None:
                 budget.charge(2 * (count - self._data_buf.size) * self.dtype.itemsize, shape)
             self._data_buf = np.zeros(count, self.dtype)
-            self._diff_buf = np.zeros(count, self.dtype)
+            self._diff_buf = None
         self.data = self._data_buf[:count].reshape(shape)
-        self.diff = self._diff_buf[:count].reshape(shape)
+        self._diff = None  # re-viewed (or allocated) on next use, in the new shape
+        self._diff_of = None
 
     def reshape_like(self, other: Blob) -> None:
         self.reshape(other.shape)
@@ -183,14 +222,14 @@ class Blob:
 
     def share_diff(self, other: Blob) -> None:
         self._check_same_count(other)
-        self.diff = other.diff.reshape(self.shape)
+        self.view_diff_of(other)
 
     def share(self, other: Blob) -> None:
         """Share both arrays with ``other`` and take its shape (shared parameters)."""
         self.data = other.data
-        self.diff = other.diff
         self._data_buf = other._data_buf
-        self._diff_buf = other._diff_buf
+        self._diff_buf = None
+        self.view_diff_of(other)
 
     def _check_same_count(self, other: Blob) -> None:
         if self.count != other.count:

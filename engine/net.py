@@ -336,7 +336,7 @@ class Net:
                               f"differs from the owner's {owner.shape} (STRICT sharing; use "
                               "share_mode: PERMISSIVE to share equal counts)")
         blob.data = owner.data.reshape(blob.shape)
-        blob.diff = owner.diff.reshape(blob.shape)
+        blob.view_diff_of(owner)
         learnable = self.learnable_params.index(owner) if owner in self.learnable_params else -1
         owner_spec = self._layer_params[owner_layer].param[owner_j]
         for field, values in (("lr_mult", self.params_lr),
@@ -592,7 +592,7 @@ class Net:
                     raise layer.error(f"cannot share weights: shape {src.shape} in the other "
                                       f"net, {blob.shape} here")
                 blob.data = src.data
-                blob.diff = src.diff
+                blob.view_diff_of(src)
 
     def to_proto(self, write_diff: bool = False):
         """The net as a NetParameter with every layer's blobs (what a .caffemodel holds)."""

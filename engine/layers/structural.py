@@ -20,7 +20,7 @@ from engine.layer import Layer, register_layer
 def share_view(top: Blob, bottom: Blob, shape: Sequence[int]) -> None:
     """Make ``top`` a reshaped view of ``bottom``'s data and diff (Caffe's ShareData/ShareDiff)."""
     top.data = bottom.data.reshape(shape)
-    top.diff = bottom.diff.reshape(shape)
+    top.view_diff_of(bottom)  # created only if a backward uses it
 
 
 def copy_unless_shared(dst: np.ndarray, src: np.ndarray) -> None:

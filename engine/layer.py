@@ -22,7 +22,7 @@ from engine.blob import (
     shape_only_active,
 )
 from engine.errors import LayerError, NetError
-from engine.fillers import fill
+from engine.fillers import fill_into
 
 TRAIN, TEST = 0, 1  # caffe.Phase
 
@@ -153,7 +153,7 @@ class Layer:
             blob = Blob(shape, self.dtype)
             if filler is not None and not shape_only_active():  # engine summary: no values
                 try:
-                    blob.data[...] = fill(blob.shape, filler, self.rng)
+                    fill_into(blob.data, filler, self.rng)
                 except NetError as exc:  # unknown filler type, sparse on a non-gaussian one
                     raise self.error(f"parameter blob {len(self.blobs)}: {exc}") from exc
             self.blobs.append(blob)

@@ -76,9 +76,25 @@ class InnerProduct(Layer):
         x = bottom[0].data.reshape(self.m, self.k)
         weight = self.blobs[0]
         if self.param_down(0):
-            weight.diff += x.T @ dy if self.transpose else dy.T @ x
+            if self.transpose:
+                weight.diff += x.T @ dy
+            else:  # by blocks of rows: no temporary of the weight's size (151 MB in fc6)
+                add_product(weight.diff, dy.T, x)
         if self.bias_term and self.param_down(1):
             self.blobs[1].diff += dy.sum(axis=0)
         if propagate_down[0]:
             dx = bottom[0].diff.reshape(self.m, self.k)
             np.matmul(dy, weight.data.T if self.transpose else weight.data, out=dx)
+
+
+BLOCK_BYTES = 8 << 20  # the most a temporary product may take in add_product
+
+
+def add_product(target: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
+    """``target += a @ b``, computed for a block of ``target``'s rows at a time."""
+    rows = max(1, BLOCK_BYTES // max(1, target.shape[1] * target.itemsize))
+    if rows >= target.shape[0]:
+        target += a @ b
+        return
+    for start in range(0, target.shape[0], rows):
+        target[start:start + rows] += a[start:start + rows] @ b

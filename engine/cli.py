@@ -103,12 +103,12 @@ def _fmt(value: float) -> str:
     return f"{value:g}"
 
 
-def _build_net(model: str, phase: int, args: argparse.Namespace):
+def _build_net(model: str, phase: int, args: argparse.Namespace, recycle: bool = False):
     from engine.net import Net
 
     _require_file(model, "model file")
     return Net(model, phase=phase, level=args.level, stages=_stages(args.stage),
-               rng=np.random.default_rng(0))
+               rng=np.random.default_rng(0), recycle=recycle)
 
 
 def _warn_gpu(args: argparse.Namespace) -> None:
@@ -197,7 +197,7 @@ def test(args: argparse.Namespace) -> int:
         raise UsageError("need model weights to score: --weights W.caffemodel")
     _warn_gpu(args)
     weights = _weight_files(args.weights)
-    net = _build_net(args.model, TEST, args)
+    net = _build_net(args.model, TEST, args, recycle=True)  # reads outputs only
     for f in weights:
         net.copy_from(f)
     log.info("Running for %d iterations.", args.iterations)

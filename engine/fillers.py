@@ -52,6 +52,9 @@ def fill_into(out: np.ndarray, param, rng: np.random.Generator) -> None:
     array of ``out``'s size: independent draws are made ``CHUNK`` at a time into ``out`` (AlexNet's
     fc6 weights would otherwise pass through a 302 MB float64 array on their way to 151 MB)."""
     _check(param)
+    if param.type == "constant" and not shape_only_active():
+        out[...] = param.value
+        return
     if (param.type not in _IID or param.sparse >= 0 or out.size <= CHUNK
             or not out.flags.c_contiguous or shape_only_active()):
         out[...] = fill(out.shape, param, rng)

@@ -32,6 +32,7 @@ from engine.errors import MokaError, NetError, ResourceError
 from engine.graph import filter_net, insert_splits
 from engine.in_place import plan_in_place
 from engine.layer import TEST, TRAIN, Layer, create_layer
+from engine.memory import RecyclePlan, SharedWorkspace, bind, input_signature, plan_recycling
 from engine.python_layer import python_layers_allowed
 
 log = logging.getLogger(__name__)
@@ -123,6 +124,8 @@ class Net:
     ``allow_python`` lets the net's ``Python`` layers run user code (None: the process-wide
     switch decides; see engine.python_layer). ``memory_limit`` (bytes, "4G", "none") bounds
     what the net's blobs may allocate; the default is :func:`set_memory_limit`'s.
+    ``recycle=True`` (a net that runs forward only) reuses intermediate blobs' memory; only
+    inputs, outputs and kept blobs keep their values (:meth:`recycle_memory`, engine/memory.py).
     """
 
     def __init__(self, model=None, *args, weights: str | PathLike | None = None, level: int = 0,
@@ -130,7 +133,7 @@ class Net:
                  rng: np.random.Generator | None = None, dtype=np.float32,
                  allow_python: bool | None = None,
                  network_file: str | PathLike | None = None,
-                 memory_limit: int | str | None = "default") -> None:
+                 memory_limit: int | str | None = "default", recycle: bool = False) -> None:
         phase, weights = _phase_and_weights(args, phase, weights)
         from engine.io import read_net_param  # io imports net-free helpers only
 
@@ -161,6 +164,8 @@ class Net:
                 raise
         if weights is not None:
             self.copy_from(weights)
+        if recycle:
+            self.recycle_memory()
 
     # -- construction --------------------------------------------------------------------------
     def _build(self, param) -> None:
@@ -189,6 +194,7 @@ class Net:
         if self.force_backward:
             self._force_backward()
         self._plan_in_place()
+        self._share_workspaces()
         self.blob_loss_weights = OrderedDict((n, 0.0) for n in self.blobs)
         for names, weights in zip(self.top_names.values(), self.loss_weights, strict=True):
             for name, w in zip(names, weights, strict=True):
@@ -392,6 +398,70 @@ class Net:
             log.info("Keeping a copy of %s for %s's backward (%s overwrites it in place)",
                      blob, reader, writer)
 
+    def _share_workspaces(self, backward: bool = True) -> None:
+        """One set of scratch buffers for the whole net (engine/memory.py); layers keep state
+        for backward only when ``backward`` and they need it."""
+        self.workspace = SharedWorkspace()
+        for i, layer in enumerate(self.layers):
+            share = getattr(layer, "share_workspace", None)
+            if share is not None:
+                share(self.workspace, keep_for_backward=backward and self.layer_need_backward[i])
+
+    # -- memory recycling (engine/memory.py) -----------------------------------------------------
+    _recycle: RecyclePlan | None = None
+    _keep: frozenset[str] = frozenset()
+
+    @property
+    def recycling(self) -> bool:
+        """Whether intermediate blobs share pooled memory (:meth:`recycle_memory`)."""
+        return self._recycle is not None
+
+    def recycle_memory(self, on: bool = True) -> None:
+        """Let blobs whose last reader has run lend their memory to later blobs.
+
+        For nets that run forward only (a recycled net refuses ``backward``; layers keep no
+        state for it). After a forward, inputs, outputs and the blobs named in
+        :meth:`keep_blobs` or ``forward(blobs=[...])`` hold their values; other intermediate
+        blobs hold whatever later blobs wrote there. ``on=False`` gives every blob its own array
+        again (their values come back with the next forward).
+        """
+        if not on:
+            if self._recycle is not None:
+                bind(RecyclePlan(), self._recycle, list(self.blobs.values()))
+                self._recycle = None
+                self._share_workspaces()
+                self.reshape()
+            return
+        if self._recycle is None:
+            self._share_workspaces(backward=False)
+        self._replan()
+
+    def keep_blobs(self, *names: str) -> None:
+        """Keep these blobs' values after forward in a recycled net (each its own array)."""
+        for name in names:
+            if name not in self.blobs:
+                raise NetError(f"no blob '{name}' in net '{self.name}' to keep")
+        self._keep = self._keep | frozenset(names)
+        if self._recycle is not None and not self._keep <= self._recycle.keep:
+            self._replan()
+
+    def _replan(self) -> None:
+        previous = self._recycle
+        self._recycle = plan_recycling(self, self._keep)
+        bind(self._recycle, previous, list(self.blobs.values()))
+        self.reshape()  # views (Split, Flatten, Reshape) follow their bottoms into the slots
+        log.info("Recycling blob memory: %d pooled buffers, %.1f MB", len(self._recycle.slots),
+                 self._recycle.nbytes / 1e6)
+
+    def _check_recycled(self, start: int) -> None:
+        if start > 0:
+            raise NetError(f"net '{self.name}' recycles blob memory, so a forward must start at "
+                           f"the first layer (got layer {start}); net.recycle_memory(False) "
+                           "keeps every blob")
+        if input_signature(self) != self._recycle.signature:
+            self.reshape()
+            self._replan()
+
     # -- running -------------------------------------------------------------------------------
     def _range(self, start, end) -> tuple[int, int]:
         names = self._layer_names
@@ -403,6 +473,8 @@ class Net:
     def forward_from_to(self, start: int = 0, end: int | None = None) -> float:
         """Run layers ``start..end`` inclusive; returns the weighted loss (ForwardFromTo)."""
         end = len(self.layers) - 1 if end is None else end
+        if self._recycle is not None:
+            self._check_recycled(start)
         loss = 0.0
         for i in range(start, end + 1):
             for run in self._before_forward:
@@ -427,6 +499,9 @@ class Net:
     def backward_from_to(self, start: int | None = None, end: int = 0) -> None:
         """Backward through layers ``start`` down to ``end`` (Caffe's BackwardFromTo)."""
         start = len(self.layers) - 1 if start is None else start
+        if self._recycle is not None:
+            raise NetError(f"net '{self.name}' recycles blob memory and cannot run backward; "
+                           "build it without recycle=True")
         for i in range(start, end - 1, -1):
             for run in self._before_backward:
                 run(i)
@@ -467,6 +542,8 @@ class Net:
                 raise NetError(f"input '{name}' has shape {array.shape} but the blob is "
                                f"{target.shape}; reshape the blob and call net.reshape()")
             target.data[...] = array.reshape(target.shape)
+        if blobs and self._recycle is not None:
+            self.keep_blobs(*blobs)
         first, last = self._range(start, end)
         self.forward_from_to(first, last)
         names = list(self.outputs) if end is None else self.top_names[self._layer_names[last]]

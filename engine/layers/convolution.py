@@ -64,6 +64,13 @@ class Convolution(Layer):
         self._scratch = Workspace()  # im2col buffers shared by all bottoms
         self._kept_for: np.ndarray | None = None  # the bottom array whose columns _scratch holds
 
+    def share_workspace(self, shared, keep_for_backward: bool) -> None:
+        """Compute im2col blocks in the net's shared scratch buffers (engine/memory.py): no
+        column state outlives a call, so backward needs none kept. Subclasses with their own
+        forward (Deconvolution, Im2col) keep their buffers."""
+        if type(self).forward is Convolution.forward:
+            self._scratch = shared.view(self)
+
     def read_geometry(self, bottom: Blob) -> tuple[tuple[int, ...], ...]:
         """Read ``convolution_param``: sets ``self.axis``; returns kernel, stride, pad and
         dilation per spatial axis, validated."""

@@ -71,9 +71,15 @@ class LRN(Layer):
             return _centred_sum(a, 1, self.size)
         return _centred_sum(_centred_sum(a, 2, self.size), 3, self.size)
 
+    _keep_state = True  # keep scale and factor for backward (not in a net without backward)
+
+    def share_workspace(self, shared, keep_for_backward: bool) -> None:
+        """The Net's memory hook (engine/memory.py): without backward, keep no state."""
+        self._keep_state = keep_for_backward
+
     def forward(self, bottom: list[Blob], top: list[Blob]) -> None:
         x = bottom[0].data
-        scale = self._window_sum(x * x)
+        scale = self._window_sum(np.square(x))
         if self.region == ACROSS_CHANNELS:
             scale *= self.alpha / self.size
             scale += self.k
@@ -81,9 +87,13 @@ class LRN(Layer):
             scale /= self.size**2  # the AVE pooling's divisor, then Power(shift 1, scale alpha)
             scale *= self.alpha
             scale += 1
-        self._scale = scale
-        self._factor = np.power(scale, -self.beta)
-        np.multiply(x, self._factor, out=top[0].data)
+        if self._keep_state:
+            self._scale = scale
+            self._factor = np.power(scale, -self.beta)
+        else:
+            self._scale = self._factor = None
+        factor = self._factor if self._keep_state else np.power(scale, -self.beta, out=scale)
+        np.multiply(x, factor, out=top[0].data)
 
     def backward(self, top: list[Blob], propagate_down: Sequence[bool],
                  bottom: list[Blob]) -> None:

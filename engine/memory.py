@@ -26,13 +26,15 @@ What a net holds, and the rule for each kind:
   largest request of any layer, instead of one set per layer (Convolution's; Deconvolution,
   Im2col, the depthwise kernel and Pooling keep their own). A buffer with a fill value (a zero
   border) is refilled whenever another layer or batch block used it in between.
-- **State kept for backward**: Convolution keeps none: it works on batch blocks of ~8 MB of
-  columns (kernels.conv_forward_blocked) and builds a block's columns again in backward, which
-  its author measured as faster than keeping the batch's (82 MB for CIFAR10-quick's conv2). LRN
-  keeps its scale and factor (two top-sized arrays) only when its layer needs backward and the
-  net is not recycled. Pooling's max positions (argmax, int32 or int16, the top's size),
-  Dropout's mask and BatchNorm's statistics stay with their layer: a fraction of the layer's
-  top, written only by that layer's forward. The in-place planner's stand-ins
+- **State kept for backward**: Convolution works on batch blocks of ~8 MB of columns
+  (kernels.conv_forward_blocked) and builds a block's columns again in backward, except that a
+  batch of one block reuses its forward's columns. So a convolution that needs backward in a
+  net that can run one keeps its ``columns`` buffer private (at most a block, ~8 MB, per block
+  length); every other convolution shares it, and a kept result whose shared buffer another
+  layer took since is not reused (``_SharedView.kept``). LRN keeps its scale and factor (two
+  top-sized arrays) only under the same rule. Pooling's max positions (argmax, int32 or int16,
+  the top's size), Dropout's mask and BatchNorm's statistics stay with their layer: a fraction
+  of the layer's top, written only by that layer's forward. The in-place planner's stand-ins
   (engine/in_place.py) exist only for layers whose backward reads an overwritten value.
 - **Fillers** draw large blobs chunk by chunk into their float32 arrays (engine/fillers.py,
   ``fill_into``), and InnerProduct adds its weight gradient by row blocks, so neither makes a
@@ -59,9 +61,10 @@ class SharedWorkspace:
         self._buffers: dict[str, np.ndarray] = {}
         self._last: dict[str, tuple] = {}  # name -> (user, shape, dtype, fill) of the last get
 
-    def view(self, user: object) -> Workspace:
-        """The workspace ``user`` (a layer) computes in."""
-        return _SharedView(self, user)
+    def view(self, user: object, private: Collection[str] = ()) -> Workspace:
+        """The workspace ``user`` (a layer) computes in; the names in ``private`` stay the
+        user's own (what its backward reuses from its forward)."""
+        return _SharedView(self, user, frozenset(private))
 
     def get(self, user: object, name: str, shape: Sequence[int], dtype: np.dtype | type,
             fill: float | None = None) -> np.ndarray:
@@ -80,27 +83,52 @@ class SharedWorkspace:
         self._last[name] = key
         return array
 
+    def holders(self, array: np.ndarray) -> dict[str, tuple]:
+        """The buffers ``array`` lies in, each with the key of its last request."""
+        return {name: self._last.get(name) for name, buffer in self._buffers.items()
+                if np.may_share_memory(array, buffer)}
+
     @property
     def nbytes(self) -> int:
         return sum(b.size for b in self._buffers.values())
 
 
 class _SharedView(Workspace):
-    def __init__(self, shared: SharedWorkspace, user: object) -> None:
+    """A layer's (or a batch block's) window on a SharedWorkspace, with Workspace's API.
+
+    ``kept`` (a result its user keeps between calls: Convolution's one-block columns) reads as
+    None once another user has been handed a buffer it lies in, so a backward never reuses
+    columns a later layer overwrote; it stays valid in ``private`` buffers."""
+
+    def __init__(self, shared: SharedWorkspace, user: object, private: frozenset[str]) -> None:
+        self._shared, self._user, self._private = shared, user, private
+        self._marks: dict[str, tuple] = {}
         super().__init__()
-        self._shared, self._user = shared, user
+
+    @property
+    def kept(self) -> np.ndarray | None:
+        if any(self._shared._last.get(n) != k for n, k in self._marks.items()):
+            return None
+        return self._kept
+
+    @kept.setter
+    def kept(self, value: np.ndarray | None) -> None:
+        self._kept = value
+        self._marks = {} if value is None else self._shared.holders(value)
 
     def child(self, key: object) -> Workspace:
         """A batch block's workspace: the same shared buffers (they do not reallocate for a
         shorter block), its fills tracked apart."""
         child = self._children.get(key)
         if child is None:
-            child = _SharedView(self._shared, (self._user, key))
+            child = _SharedView(self._shared, (self._user, key), self._private)
             self._children[key] = child
         return child
 
     def get(self, name: str, shape: Sequence[int], dtype: np.dtype | type,
             fill: float | None = None) -> np.ndarray:
+        if name in self._private:
+            return super().get(name, shape, dtype, fill)
         return self._shared.get(self._user, name, shape, dtype, fill)
 
 

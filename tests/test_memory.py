@@ -264,3 +264,24 @@ def test_blobs_live_at_once_never_share_a_slot(path):
         live = [slot[id(r)] for g, r in enumerate(roots)
                 if born[g] <= i <= last[g] and id(r) in slot]
         assert len(live) == len(set(live)), net.layers[i].name
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_convolution_backward_never_reuses_columns_another_layer_overwrote(keep):
+    text = ('type: "Convolution" convolution_param { num_output: 3 kernel_size: 3 '
+            'weight_filler { type: "gaussian" } }')
+    x, other_x = random_blob((2, 2, 6, 6), seed=1), random_blob((2, 2, 6, 6), seed=2)
+    plain, plain_top = make_layer(text, [x], seed=5)
+    layer, top = make_layer(text, [x], seed=5)
+    later, later_top = make_layer(text, [other_x], seed=6)
+    shared = SharedWorkspace()
+    layer.share_workspace(shared, keep_for_backward=keep)
+    later.share_workspace(shared, keep_for_backward=False)
+    dy = np.random.default_rng(3).standard_normal(top[0].shape)
+    for conv, bottom, tops in ((plain, x, plain_top), (layer, x, top)):
+        conv.forward([bottom], tops)
+        if conv is layer:
+            later.forward([other_x], later_top)  # fills the shared columns with other_x's
+        tops[0].diff[...] = dy
+        conv.backward(tops, [False], [bottom])
+    np.testing.assert_array_equal(layer.blobs[0].diff, plain.blobs[0].diff)

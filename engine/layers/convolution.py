@@ -65,11 +65,13 @@ class Convolution(Layer):
         self._kept_for: np.ndarray | None = None  # the bottom array whose columns _scratch holds
 
     def share_workspace(self, shared, keep_for_backward: bool) -> None:
-        """Compute im2col blocks in the net's shared scratch buffers (engine/memory.py): no
-        column state outlives a call, so backward needs none kept. Subclasses with their own
-        forward (Deconvolution, Im2col) keep their buffers."""
+        """Compute im2col blocks in the net's shared scratch buffers (engine/memory.py); the
+        columns stay this layer's own when ``keep_for_backward`` (a one-block forward's are
+        reused by backward). Subclasses with their own forward (Deconvolution, Im2col) keep
+        their buffers."""
         if type(self).forward is Convolution.forward:
-            self._scratch = shared.view(self)
+            self._scratch = shared.view(self, ("columns",) if keep_for_backward else ())
+            self._kept_for = None
 
     def read_geometry(self, bottom: Blob) -> tuple[tuple[int, ...], ...]:
         """Read ``convolution_param``: sets ``self.axis``; returns kernel, stride, pad and

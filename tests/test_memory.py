@@ -285,3 +285,23 @@ def test_convolution_backward_never_reuses_columns_another_layer_overwrote(keep)
         tops[0].diff[...] = dy
         conv.backward(tops, [False], [bottom])
     np.testing.assert_array_equal(layer.blobs[0].diff, plain.blobs[0].diff)
+
+
+@pytest.mark.parametrize("make", ["mobilenet_v1", "shufflenet_v2", "ssd_head"])
+def test_recycled_forward_is_bit_identical_on_fork_nets(tmp_path, make):
+    """BN/Scale in place, Slice/Concat/ShuffleChannel, Permute/Flatten/PriorBox/Normalize and
+    DetectionOutput (tests/test_fork_nets.py's nets)."""
+    import test_fork_nets
+
+    path = tmp_path / f"{make}.prototxt"
+    path.write_text(getattr(test_fork_nets, make)())
+    net = Net(str(path), engine.TEST, rng=np.random.default_rng(0))
+    test_fork_nets.randomize(net, 4)
+    inputs = {n: np.random.default_rng(5).standard_normal(net.blobs[n].shape)
+              for n in net.inputs}
+    plain = {k: v.copy() for k, v in net.forward(**inputs).items()}
+    net.recycle_memory()
+    assert net._recycle.roots
+    for _ in range(2):
+        for name, value in net.forward(**inputs).items():
+            assert np.array_equal(value, plain[name]), name

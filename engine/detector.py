@@ -39,7 +39,11 @@ class Detector(Net):
         crops = []
         for filename, windows in images_windows:
             image = load_image(filename).astype(np.float32)
-            crops.extend(self.crop(image, np.asarray(window)) for window in windows)
+            for window in windows:
+                try:
+                    crops.append(self.crop(image, np.asarray(window)))
+                except MokaError as exc:
+                    raise MokaError(f"{filename}: {exc}") from None
         if not crops:
             return []
         in_ = self.inputs[0]
@@ -87,11 +91,11 @@ class Detector(Net):
         box = np.clip(box, 0.0, [im_h, im_w, im_h, im_w])
         clip_h = box[2] - box[0] + 1
         clip_w = box[3] - box[1] + 1
-        if clip_h <= 0 or clip_w <= 0:
-            raise MokaError(f"window {tuple(window)} lies outside the {im_h}x{im_w} image")
+        y0, x0, y1, x1 = (int(v) for v in box)
+        if y1 <= y0 or x1 <= x0:  # no pixel of the image inside the enlarged box
+            raise MokaError(f"window {tuple(window.tolist())} lies outside the {im_h}x{im_w} image")
         crop_h = min(round(clip_h * scale_h), crop_size - pad_y)
         crop_w = min(round(clip_w * scale_w), crop_size - pad_x)
-        y0, x0, y1, x1 = (int(v) for v in box)
         context = resize_image(im[y0:y1, x0:x1], (crop_h, crop_w))
         crop = np.ones(self.crop_dims, dtype=np.float32) * self.crop_mean
         crop[pad_y:pad_y + crop_h, pad_x:pad_x + crop_w] = context

@@ -160,6 +160,13 @@ def test_context_pad_fills_off_image_context_with_the_mean(tiny_rgb, photo):
     assert inside.max() <= 1
 
 
+def test_a_window_off_the_image_is_reported_with_its_file(tiny_rgb, photo):
+    model, weights = tiny_rgb
+    detector = caffe.Detector(model, weights, context_pad=1)
+    with pytest.raises(MokaError, match=r"photo.*\(500, 500, 510, 510\) lies outside"):
+        detector.detect_windows([(photo, [[500, 500, 510, 510]])])
+
+
 def test_selective_search_says_what_is_missing(tiny_rgb, photo):
     detector = caffe.Detector(*tiny_rgb)
     with pytest.raises(MokaError, match="detect_windows"):

@@ -36,7 +36,7 @@ from __future__ import annotations
 import difflib
 import functools
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from google.protobuf.descriptor import FieldDescriptor
@@ -180,19 +180,19 @@ class Function:
         self.in_place = bool(params.pop("in_place", False))
         self.tops = tuple(Top(self, n) for n in range(self.ntop))
 
+    def _autoname(self, autonames: Counter) -> str:
+        autonames[self.type_name] += 1
+        return f"{self.type_name}{autonames[self.type_name]}"
+
     def _top_name(self, top: Top, names: dict, autonames: Counter) -> str:
         if top not in names:
-            autonames[self.type_name] += 1
-            names[top] = f"{self.type_name}{autonames[self.type_name]}"
+            names[top] = self._autoname(autonames)
         return names[top]
 
     def _name(self, names: dict, autonames: Counter) -> str:
         if self not in names:
-            if self.ntop > 0:
-                names[self] = self._top_name(self.tops[0], names, autonames)
-            else:
-                autonames[self.type_name] += 1
-                names[self] = f"{self.type_name}{autonames[self.type_name]}"
+            names[self] = (self._top_name(self.tops[0], names, autonames) if self.ntop > 0
+                           else self._autoname(autonames))
         return names[self]
 
     def _to_proto(self, layers: dict, names: dict, autonames: Counter) -> None:
@@ -231,10 +231,16 @@ class Function:
 
 def to_proto(*tops: Top) -> Any:
     """A NetParameter with every layer needed to compute ``tops`` (names made up)."""
+    return _net_param(tops, {})
+
+
+def _net_param(tops: Iterable[Top | Function], names: dict) -> Any:
+    """The layers that compute ``tops``, in dependency order; ``names`` maps Tops and Functions
+    to the names they were given (the rest are made up as ``<Type><k>``)."""
     layers: dict = OrderedDict()
     autonames: Counter = Counter()
     for top in tops:
-        top._to_proto(layers, {}, autonames)
+        top._to_proto(layers, names, autonames)
     net = caffe_pb2.NetParameter()
     net.layer.extend(layers.values())
     return net
@@ -278,14 +284,7 @@ class NetSpec:
         return list(self.tops.values())
 
     def to_proto(self) -> Any:
-        names = {value: name for name, value in self.tops.items()}
-        layers: dict = OrderedDict()
-        autonames: Counter = Counter()
-        for top in self.tops.values():
-            top._to_proto(layers, names, autonames)
-        net = caffe_pb2.NetParameter()
-        net.layer.extend(layers.values())
-        return net
+        return _net_param(self.tops.values(), {value: name for name, value in self.tops.items()})
 
 
 class Layers:

@@ -57,14 +57,14 @@ def _describe_inputs(net, i: int) -> str:
     return "from finite bottoms"
 
 
+# The scans step through the layers as Net.forward_from_to / backward_from_to do, but without
+# the net's per-layer callbacks and debug lines: a diagnosis must not fire user (or MPI) hooks.
 def _forward_scan(net, rerun: bool) -> str | None:
     for i, layer in enumerate(net.layers):
         bottoms = net.bottom_vecs[i]
         if rerun and bottoms:  # a source layer keeps the batch it produced
             layer.reshape(bottoms, net.top_vecs[i])
-            plan = getattr(net, "_in_place", None)  # in-place chains' saved values (net.py)
-            if plan is not None:
-                plan.copy_values(i)
+            net._in_place.copy_values(i)  # in-place chains' saved values
             layer.forward(bottoms, net.top_vecs[i])
         top = _bad_top(net, i)
         if top is not None:
@@ -80,10 +80,7 @@ def _backward_scan(net) -> str | None:
         if not net.layer_need_backward[i]:
             continue
         layer = net.layers[i]
-        top, bottom = net.top_vecs[i], net.bottom_vecs[i]
-        plan = getattr(net, "_in_place", None)
-        if plan is not None:
-            top, bottom = plan.backward_vecs(i, top, bottom)
+        top, bottom = net._in_place.backward_vecs(i, net.top_vecs[i], net.bottom_vecs[i])
         layer.backward(top, net.bottom_need_backward[i], bottom)
         names = net.bottom_names[layer.name]
         for name, blob, need in zip(names, net.bottom_vecs[i], net.bottom_need_backward[i],

@@ -260,7 +260,14 @@ class Seeds:
             "lenet_train_test": (REPO / "models/lenet/lenet_train_test.prototxt").read_text(),
             "lstm": (REPO / "models/lstm_sequence/lstm_train_test.prototxt").read_text(),
             "finetune": (REPO / "models/finetune_digits/finetune_train_test.prototxt").read_text(),
+            "zoo": (REPO / "tests/fuzz_zoo.prototxt").read_text(),  # most layer types
         }
+        try:  # the fork layers (Normalize, Permute, PriorBox, DetectionOutput) in SSD's head
+            from test_fork_nets import ssd_head
+
+            self.texts["ssd"] = ssd_head(batch=1, size=32)
+        except ImportError:
+            pass
         self.solver_text = (REPO / "models/lenet/lenet_solver.prototxt").read_text()
         seeds = root / "seeds"
         if not (seeds / "done").exists():
@@ -309,7 +316,7 @@ class Seeds:
 
 
 # -- the cases -------------------------------------------------------------------------------------
-NET_TEXTS = ("lenet", "lenet_train_test", "lstm", "finetune")
+NET_TEXTS = ("lenet", "lenet_train_test", "lstm", "finetune", "zoo", "ssd", "zoo")
 
 
 def _ops(rnd: random.Random, n: int | None = None) -> list[tuple[int, int, int]]:
@@ -334,7 +341,8 @@ def _sealed(state) -> bytes:
 
 def random_case(rnd: random.Random) -> tuple[str, int, list[tuple[int, int, int]]]:
     """A case as plain data: (kind, variant seed, mutation ops)."""
-    return rnd.choice(KINDS), rnd.randrange(1 << 16), _ops(rnd)
+    kind = "net_text" if rnd.random() < 0.3 else rnd.choice(KINDS)  # the richest kind
+    return kind, rnd.randrange(1 << 16), _ops(rnd)
 
 
 def _forward(net) -> None:
@@ -357,7 +365,7 @@ def run_case(seeds: Seeds, case: tuple[str, int, list], work: Path) -> list[str]
     lenet = str(seeds.root / "models/lenet/lenet.prototxt")
     if kind == "net_text":
         name = NET_TEXTS[variant % len(NET_TEXTS)]
-        text = seeds.texts[name]
+        text = seeds.texts.get(name, seeds.texts["zoo"])
         if variant % 3 == 0:  # parse, mutate values, print back: valid syntax, odd contents
             net_param = engine.io.parse_text(text, caffe_pb2.NetParameter)
             mutate_message(net_param, ops)
@@ -370,6 +378,7 @@ def run_case(seeds: Seeds, case: tuple[str, int, list], work: Path) -> list[str]
         path.write_text(text, errors="surrogateescape")
         net = engine.Net(str(path), engine.TEST if variant % 4 < 2 else engine.TRAIN)
         _forward(net)
+        net.backward()
         return [str(path), path.name]
     if kind == "solver_text":
         text = mutate_text(seeds.solver_text, ops).replace(
@@ -505,12 +514,10 @@ def classify(seeds: Seeds, case, work: Path) -> Outcome:
 
 
 def _locations(seeds: Seeds, case, work: Path) -> list[str]:
-    """Names a message may use to locate the fault: the case's files and the seed files."""
-    names = [p.name for p in work.rglob("*") if p.is_file() or p.suffix == "" or p.is_dir()]
-    names += [str(p) for p in work.rglob("*")]
-    names += ["solver.prototxt", "lenet.prototxt", "lenet_train_test.prototxt", "solverstate",
-              "caffemodel"]
-    return [n for n in names if n]
+    """What a message may name to locate the fault: the case's files (path or name), and the
+    seed solver a solverstate case restores into."""
+    names = [n for p in work.rglob("*") for n in (str(p), p.name)]
+    return [*names, str(seeds.seeds / "solver.prototxt")]
 
 
 class _Timeout(BaseException):

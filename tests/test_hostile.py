@@ -221,3 +221,19 @@ def test_a_damaged_hdf5_caffemodel_is_a_parse_error(tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(ParseError, match=str(path)):
         engine.Net(write_net(tmp_path, LENET), engine.TEST, weights=str(path))
+
+
+def test_a_huge_padded_max_pooling_kernel_costs_what_its_input_does():
+    from layer_helpers import make_layer, random_blob
+
+    x = random_blob((2, 3, 8, 8), seed=3)
+    layer, top = make_layer('type: "Pooling" pooling_param { pool: MAX kernel_size: 2000 '
+                            'stride: 1 pad: 1000 }', [x], n_top=2)
+    assert top[0].shape == (2, 3, 9, 9)
+    assert len(layer.offsets) <= 16 * 16  # not 2000 * 2000 kernel offsets
+    layer.forward([x], top)
+    # every window covers the whole 8x8 input: each output is the channel's maximum
+    expected = x.data.max(axis=(2, 3), keepdims=True)
+    np.testing.assert_array_equal(top[0].data, np.broadcast_to(expected, top[0].shape))
+    flat = x.data.reshape(2, 3, -1).argmax(axis=-1)
+    np.testing.assert_array_equal(top[1].data, np.broadcast_to(flat[..., None, None], (2, 3, 9, 9)))

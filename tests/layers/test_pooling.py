@@ -105,6 +105,12 @@ CASES = [
     (7, 6, "kernel_size: 3 stride: 2 ceil_mode: true", (3, 3), (2, 2), (0, 0), True, (3, 3)),
     (7, 6, "kernel_size: 3 stride: 2 ceil_mode: false round_mode: FLOOR", (3, 3), (2, 2),
      (0, 0), False, (3, 2)),
+    # kernels far wider than the input, most of each window in the padding (MAX trims them)
+    (3, 4, "kernel_size: 9 stride: 1 pad: 4", (9, 9), (1, 1), (4, 4), True, (3, 4)),
+    (4, 3, "kernel_h: 11 kernel_w: 7 stride: 2 pad_h: 5 pad_w: 3", (11, 7), (2, 2), (5, 3),
+     True, (3, 2)),
+    (5, 5, "kernel_size: 12 stride: 3 pad: 6 ceil_mode: false", (12, 12), (3, 3), (6, 6), False,
+     (2, 2)),
 ]
 IDS = [c[2] for c in CASES]
 

@@ -6,6 +6,12 @@ Caffe's fields (``iter``, ``learned_net``, ``history`` in Caffe's order, ``curre
 ``moka_resume`` (field 1000, which Caffe skips): the random generator, every data layer's read
 position, the smoothed-loss window and lr_policy "plateau"'s memory, which together make a
 resumed run bit-identical.
+
+Crash safety: the model is written before the state, under hidden ``.tmp`` names, so a process
+killed at any moment leaves only complete files under snapshot names. The state records the
+model's size and SHA-256 (``moka_resume``) and ends with its own (``moka_sha256``, field 1001),
+so a truncated, corrupt or swapped file is refused on restore, naming it. ``restore("latest")``
+takes the newest pair that passes these checks (:func:`find_latest`).
 """
 
 from __future__ import annotations

@@ -11,6 +11,8 @@ import errno
 import logging
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import crash_harness
@@ -379,22 +381,18 @@ def test_a_moved_run_prefers_the_matching_model_beside_its_state(run, tmp_path, 
 def test_a_write_failing_inside_hdf5_leaves_no_snapshot_behind(tmp_path):
     """HDF5 writes much of a file while closing it, where h5py only prints a failure: a real
     write error (a file-size limit here, as a full disk would) must still stop the snapshot."""
-    import resource
-    import signal
-    import subprocess
-    import sys
-
     crash_harness.write_run(tmp_path, max_iter=6, hdf5=True)
     (tmp_path / "net.prototxt").write_text(
         crash_harness.NET.replace("num_output: 8", "num_output: 500"))
-
-    def limit_file_size():  # the model (~20 kB) fits, the state (~30 kB) does not
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (25_000, 25_000))
-
-    done = subprocess.run([sys.executable, "-m", "engine", "train", "solver.prototxt"],
-                          cwd=tmp_path, env=crash_harness.engine_env(), capture_output=True,
-                          text=True, timeout=120, preexec_fn=limit_file_size)
+    # the model (~20 kB) fits under the limit, the state (~30 kB) does not
+    limited = ("import resource, runpy, signal, sys; "
+               "signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+               "resource.setrlimit(resource.RLIMIT_FSIZE, (25000, 25000)); "
+               "sys.argv = ['engine', 'train', 'solver.prototxt']; "
+               "runpy.run_module('engine', run_name='__main__')")
+    done = subprocess.run([sys.executable, "-c", limited], cwd=tmp_path,
+                          env=crash_harness.engine_env(), capture_output=True, text=True,
+                          timeout=120)
     assert done.returncode == 1
     assert ("engine: error: cannot write snap/crash_iter_3.solverstate.h5: File too large"
             in done.stderr)

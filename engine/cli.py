@@ -358,7 +358,7 @@ def _common(*, sub: bool) -> argparse.ArgumentParser:
 
 
 def _python_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--allow-python", action="store_true", default=None,
+    parser.add_argument("--allow-python", "--allow_python", action="store_true", default=None,
                         help="let the net's Python layers run their modules' code")
 
 
@@ -374,7 +374,7 @@ def _memory_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def _progress_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--no_progress", action="store_true",
+    parser.add_argument("--no_progress", "--no-progress", action="store_true",
                         help="no live progress line on a terminal (log lines only)")
 
 

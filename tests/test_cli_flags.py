@@ -118,3 +118,14 @@ def test_device_query_without_threadpoolctl_reads_numpys_configuration(monkeypat
     assert blas["source"] == "numpy build configuration"
     assert blas["threads"] == "3 (from OPENBLAS_NUM_THREADS)"
     assert blas["name"]
+
+
+@pytest.mark.parametrize("command", ["train", "test", "time"])
+def test_moka_switches_take_either_spelling(command):
+    parser = build_parser()
+    for hyphen, underscore, dest in (("--allow-python", "--allow_python", "allow_python"),
+                                     ("--no-progress", "--no_progress", "no_progress")):
+        if command == "time" and dest == "no_progress":
+            continue
+        assert getattr(parser.parse_args([command, hyphen]), dest) is True
+        assert getattr(parser.parse_args([command, underscore]), dest) is True

@@ -393,15 +393,18 @@ def add_commands(subparsers, add_command, net_state_flags) -> None:
     p = add_command(subparsers, run, "check")
     p.add_argument("model_file", nargs="?", metavar="NET", help="the net prototxt")
     p.add_argument("--model", help="the net prototxt (as Caffe's flag)")
-    p.add_argument("--weights", help="start from these weights instead of the fillers")
+    p.add_argument("--weights", metavar="W.caffemodel",
+                   help="start from these weights instead of the fillers")
     p.add_argument("--phase", choices=("TRAIN", "TEST"), default="TRAIN",
                    help="the phase to build the net in (default TRAIN)")
-    p.add_argument("--batch", type=int, default=8, help="the batch size to check on (default 8)")
+    p.add_argument("--batch", type=int, default=8, metavar="N",
+                   help="the batch size to check on (default 8)")
     p.add_argument("--input-shape", action="append", metavar="[TOP=]N,C,H,W",
                    help="the shape of a data top whose source cannot be read (repeatable)")
-    p.add_argument("--samples", type=int, default=20,
+    p.add_argument("--samples", type=int, default=20, metavar="K",
                    help="gradient elements compared per blob (default 20)")
-    p.add_argument("--overfit-iterations", type=int, default=300,
-                   help="Adam iterations on the one batch (0 skips the overfit run)")
+    p.add_argument("--overfit-iterations", type=int, default=300, metavar="N",
+                   help="Adam iterations on the one batch (default 300; 0 skips the overfit "
+                        "run)")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam's learning rate (default 1e-3)")
     net_state_flags(p)

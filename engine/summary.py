@@ -497,7 +497,7 @@ def add_commands(subparsers, add_command, net_state_flags) -> None:
     p.add_argument("--model", help="the net prototxt (as Caffe's flag)")
     p.add_argument("--phase", choices=("TRAIN", "TEST"), default="TEST",
                    help="the phase to build the net in (default TEST)")
-    p.add_argument("--batch", type=int, help="override the batch size of every input")
+    p.add_argument("--batch", type=int, metavar="N", help="override the batch size of every input")
     p.add_argument("--input-shape", action="append", metavar="[TOP=]N,C,H,W",
                    help="the shape of a data or input top (repeatable); without TOP, the first")
     net_state_flags(p)

@@ -165,9 +165,27 @@ def _parse_error(e: text_format.ParseError, text: str, message: Message,
         echoed = f"'{lines[line - 1]}': " if 0 < line <= len(lines) else None
         if echoed and what.startswith(echoed):
             what = what[len(echoed):]
-    what = what.rstrip(".") + _hint(what, message)
+    what = what.rstrip(".") + (_misplaced_hint(what, text, message, line)
+                               or _hint(what, message))
     where = f"{source}:{line}:{col}" if line else source
     return ParseError(f"{where}: {what}")
+
+
+def _misplaced_hint(what: str, text: str, message: Message, line: int) -> str:
+    """A top-level field (``layer``, ``net``...) found inside a block means a ``}`` is missing
+    above it, not that the field is wrong: name the block still open there."""
+    field = re.search(r'Message type "([\w.]+)" has no field named "(\w+)"', what)
+    if not field or not line or field.group(1) == message.DESCRIPTOR.full_name:
+        return ""
+    if field.group(2) not in message.DESCRIPTOR.fields_by_name:
+        return ""
+    offset = sum(len(part) for part in text.splitlines(keepends=True)[:line - 1])
+    stack, _ = _brace_scan(text, offset)
+    if not stack:
+        return ""
+    open_line, _, words = stack[0]
+    return (f"; '{field.group(2)}' belongs at the top level: the block '{words}' opened on "
+            f"line {open_line} is still open here, so a '}}' is probably missing above this line")
 
 
 def _hint(what: str, message: Message) -> str:

@@ -237,3 +237,14 @@ def test_a_huge_padded_max_pooling_kernel_costs_what_its_input_does():
     np.testing.assert_array_equal(top[0].data, np.broadcast_to(expected, top[0].shape))
     flat = x.data.reshape(2, 3, -1).argmax(axis=-1)
     np.testing.assert_array_equal(top[1].data, np.broadcast_to(flat[..., None, None], (2, 3, 9, 9)))
+
+
+def test_a_moved_brace_blames_the_open_block_not_the_next_layer(tmp_path):
+    text, line = _drop_closing_brace_of(LENET, "conv1")
+    path = write_net(tmp_path, text + "}\n")  # balanced again, but conv1 swallows pool1
+    with pytest.raises(ParseError) as info:
+        read_net_param(path)
+    message = str(info.value)
+    assert f"the block 'layer {{' opened on line {line} is still open here" in message
+    assert "a '}' is probably missing above this line" in message
+    assert "python_param" not in message  # no hint at a healthy field

@@ -38,21 +38,25 @@ def shape_only_active() -> bool:
 class MemoryBudget:
     """A byte budget that blobs charge before they allocate (see :func:`memory_budget`).
 
-    ``limit`` None means no limit. ``used`` counts the bytes of data and diff buffers allocated
-    while the budget was in force; a reshape that would pass ``limit`` raises
+    ``limit`` None means no limit. ``used`` counts the bytes of the buffers allocated while the
+    budget was in force: data, and as much again for the diff when ``with_diff`` (a net that can
+    run backward; diffs are allocated on first use). A reshape that would pass ``limit`` raises
     :class:`~engine.errors.ResourceError` before anything is allocated.
     """
 
-    def __init__(self, limit: int | None) -> None:
+    def __init__(self, limit: int | None, with_diff: bool = True) -> None:
         self.limit = limit
         self.used = 0
+        self.with_diff = with_diff
 
-    def charge(self, nbytes: int, shape: tuple[int, ...]) -> None:
+    def charge(self, data_bytes: int, shape: tuple[int, ...]) -> None:
+        nbytes = 2 * data_bytes if self.with_diff else data_bytes
         if self.limit is not None and self.used + nbytes > self.limit:
             from engine.errors import ResourceError
 
+            what = "data and diff" if self.with_diff else "data"
             raise ResourceError(
-                f"a blob of shape {shape} needs {format_bytes(nbytes)} (data and diff); with "
+                f"a blob of shape {shape} needs {format_bytes(nbytes)} ({what}); with "
                 f"the {format_bytes(self.used)} already set up that passes the memory limit of "
                 f"{format_bytes(self.limit)} (set it with --memory-limit or "
                 "engine.set_memory_limit)", shape=shape, nbytes=nbytes)
@@ -187,7 +191,7 @@ class Blob:
         if count > self._data_buf.size:
             budget = _BUDGET.get()
             if budget is not None:
-                budget.charge(2 * (count - self._data_buf.size) * self.dtype.itemsize, shape)
+                budget.charge((count - self._data_buf.size) * self.dtype.itemsize, shape)
             self._data_buf = np.zeros(count, self.dtype)
             self._diff_buf = None
         self.data = self._data_buf[:count].reshape(shape)

@@ -154,7 +154,9 @@ class Net:
         is_file = isinstance(model, str | PathLike) and os.path.isfile(model)
         folders = [os.path.dirname(os.path.abspath(model))] if is_file else []
         limit = _memory_limit if memory_limit == "default" else memory_limit
-        self._budget = MemoryBudget(_resolve_memory_limit(limit))
+        # a TEST net allocates no diffs (engine/memory.py) unless it can be run backward
+        self._budget = MemoryBudget(_resolve_memory_limit(limit),
+                                    with_diff=state.phase == TRAIN or net_param.force_backward)
         with python_layers_allowed(allow_python, folders), memory_budget(self._budget):
             try:
                 self._build(insert_splits(filter_net(net_param, state)))

@@ -248,3 +248,46 @@ def test_a_moved_brace_blames_the_open_block_not_the_next_layer(tmp_path):
     assert f"the block 'layer {{' opened on line {line} is still open here" in message
     assert "a '}' is probably missing above this line" in message
     assert "python_param" not in message  # no hint at a healthy field
+
+
+def test_a_test_net_is_charged_for_data_a_train_net_for_data_and_diff(tmp_path):
+    path = write_net(tmp_path, LENET)
+    with pytest.raises(LayerError, match=r"\(500, 200\) needs 390.6 KiB \(data\);"):
+        engine.Net(path, engine.TEST, memory_limit="100K")
+    with pytest.raises(LayerError, match=r"\(500, 200\) needs 781.2 KiB \(data and diff\);"):
+        engine.Net(path, engine.TRAIN, memory_limit="100K")
+    test_net = engine.Net(path, engine.TEST, memory_limit="64M")
+    train_net = engine.Net(path, engine.TRAIN, memory_limit="64M")
+    assert train_net._budget.used == 2 * test_net._budget.used > 0
+
+
+def test_an_absurd_spp_pyramid_is_refused_at_setup(tmp_path):
+    text = LENET.replace(
+        'layer {\n  name: "conv1"',
+        'layer { name: "spp" type: "SPP" bottom: "data" top: "spp" '
+        'spp_param { pyramid_height: 2147483647 } }\nlayer {\n  name: "conv1"', 1)
+    with pytest.raises(LayerError, match=r"layer 'spp' \(SPP\): pyramid_height 2147483647"):
+        engine.Net(write_net(tmp_path, text), engine.TEST)
+
+
+def test_damaged_image_bytes_are_a_data_error_wherever_the_damage_is():
+    from engine.data.image import decode_image, encode_image
+    from engine.errors import DataError
+
+    png = encode_image(np.random.default_rng(0).integers(0, 256, (3, 6, 5), np.uint8), "PNG")
+    for offset in range(8, len(png)):  # after the signature: one byte inserted, one flipped
+        for data in (png[:offset] + b"\x00" + png[offset:],
+                     png[:offset] + bytes([png[offset] ^ 0xA5]) + png[offset + 1:]):
+            try:
+                image = decode_image(data, where="im.png")
+            except DataError as exc:
+                assert str(exc).startswith("im.png: cannot decode")
+            else:
+                assert image.dtype == np.uint8 and image.ndim == 3
+    # an IDAT chunk whose length falls short: Pillow reads the next "chunk" mid-data and raises
+    # SyntaxError("broken PNG file")
+    start = png.index(b"IDAT") - 4
+    length = int.from_bytes(png[start:start + 4], "big")
+    short = png[:start] + (length - 9).to_bytes(4, "big") + png[start + 4:]
+    with pytest.raises(DataError, match=r"^im.png: cannot decode the image bytes \(broken PNG"):
+        decode_image(short, where="im.png")

@@ -10,6 +10,7 @@ decoder for its luma plane, PNG uses libpng's fixed-point weights, anything else
 from __future__ import annotations
 
 import io
+import struct
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -33,7 +34,10 @@ def decode_image(buf: bytes, color: bool | None = None, where: str = "image") ->
         if color is False and image.format == "JPEG":
             image.draft("L", image.size)  # libjpeg's own luma, as OpenCV gets it
         image.load()
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, IndexError,
+            TypeError, struct.error, Image.DecompressionBombError, MemoryError) as exc:
+        # Pillow's decoders raise several of these on damaged bytes (SyntaxError: a broken PNG
+        # chunk); a header claiming a gigantic image is a DecompressionBombError
         raise DataError(f"{where}: cannot decode the image bytes ({exc}); the data is not a "
                         f"valid JPEG/PNG or is truncated") from exc
     hwc = _to_opencv(image, color, where)

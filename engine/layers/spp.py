@@ -11,6 +11,8 @@ from engine.blob import Blob
 from engine.errors import LayerError
 from engine.layer import Layer, create_layer, register_layer
 
+MAX_PYRAMID_HEIGHT = 32  # Caffe's pad < kernel check fails long before
+
 
 def level_geometry(level: int, size: int) -> tuple[int, int]:
     """(kernel = stride, pad) of pyramid ``level`` along an axis of ``size`` cells: ``2^level``
@@ -39,6 +41,9 @@ class SPP(Layer):
         self.height, self.method = p.pyramid_height, p.pool
         if self.height < 1:
             raise self.error(f"pyramid_height must be positive; got {self.height}")
+        if self.height > MAX_PYRAMID_HEIGHT:  # 2^(h-1) bins a side: no plane is that wide
+            raise self.error(f"pyramid_height {self.height} would pool into 2^{self.height - 1} "
+                             f"bins a side; at most {MAX_PYRAMID_HEIGHT} levels")
         self.pools: list[Layer] = []
         self.pooled = [Blob((), self.dtype) for _ in range(self.height)]
         self.split = Blob((), self.dtype)  # the bottom's data, a diff of its own per level

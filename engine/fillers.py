@@ -29,13 +29,14 @@ def filler(name: str) -> Callable[[FillerFn], FillerFn]:
 
 def fill(shape: Sequence[int], param, rng: np.random.Generator) -> np.ndarray:
     """Values for a blob of ``shape`` drawn as ``param`` (a FillerParameter) says."""
-    _check(param)
+    check_filler(param)
     if shape_only_active():  # a net built for its shapes only (engine summary): no values
         return np.broadcast_to(np.zeros((), np.float64), tuple(shape))
     return FILLERS[param.type](tuple(shape), param, rng)
 
 
-def _check(param) -> None:
+def check_filler(param) -> None:
+    """Raise NetError for an unknown filler type or ``sparse`` on a filler that lacks it."""
     if param.type not in FILLERS:
         raise NetError(f"unknown filler type {param.type!r}; known: {', '.join(sorted(FILLERS))}")
     if param.sparse != -1 and param.type != "gaussian":
@@ -51,7 +52,7 @@ def fill_into(out: np.ndarray, param, rng: np.random.Generator) -> None:
     """``out[...] = fill(out.shape, param, rng)``, with the same values, but without a float64
     array of ``out``'s size: independent draws are made ``CHUNK`` at a time into ``out`` (AlexNet's
     fc6 weights would otherwise pass through a 302 MB float64 array on their way to 151 MB)."""
-    _check(param)
+    check_filler(param)
     if param.type == "constant" and not shape_only_active():
         out[...] = param.value
         return

@@ -233,7 +233,9 @@ class Net:
             layer.reshape(bottom, top)
         except ResourceError as exc:
             raise layer.error(f"cannot be set up: {exc}") from exc
-        except MokaError:
+        except MokaError as exc:
+            if "layer '" not in str(exc):  # e.g. a DummyData filler's: say whose, keep the type
+                exc.args = (f"layer '{layer.name}' ({layer.type}): {exc}", *exc.args[1:])
             raise
         except (ValueError, IndexError, TypeError, ArithmeticError, MemoryError) as exc:
             raise layer.error(f"could not be set up: {type(exc).__name__}: {exc}") from exc

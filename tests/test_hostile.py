@@ -291,3 +291,12 @@ def test_damaged_image_bytes_are_a_data_error_wherever_the_damage_is():
     short = png[:start] + (length - 9).to_bytes(4, "big") + png[start + 4:]
     with pytest.raises(DataError, match=r"^im.png: cannot decode the image bytes \(broken PNG"):
         decode_image(short, where="im.png")
+
+
+def test_an_unknown_dummy_data_filler_is_refused_at_setup_with_the_layer(tmp_path):
+    text = ('layer { name: "noise" type: "DummyData" top: "x" dummy_data_param { '
+            'shape { dim: 2 dim: 3 } data_filler { type: "Foo" } } }\n')
+    path = write_net(tmp_path, text)
+    with pytest.raises(LayerError, match=r"^.*net.prototxt:1: layer 'noise' \(DummyData\): "
+                                         r"data_filler 0: unknown filler type 'Foo'"):
+        engine.Net(path, engine.TEST)

@@ -21,8 +21,8 @@ from engine.data.db import open_db
 from engine.data.hdf5 import HDF5Source, read_file_list
 from engine.data.prefetch import Prefetcher
 from engine.data.transformer import DataTransformer
-from engine.errors import DataError
-from engine.fillers import fill
+from engine.errors import DataError, NetError
+from engine.fillers import check_filler, fill
 from engine.layer import Layer, register_layer
 
 log = logging.getLogger(__name__)
@@ -109,6 +109,11 @@ class DummyData(DataLayer):
         fillers = list(p.data_filler) or [caffe_pb2.FillerParameter(type="constant", value=0)]
         self.fillers = [fillers[0 if len(fillers) == 1 else i] for i in range(n)]
         self.refill = [f.type != "constant" for f in self.fillers]
+        for i, filler in enumerate(self.fillers):  # refilled ones run first at forward: check now
+            try:
+                check_filler(filler)
+            except NetError as exc:
+                raise self.error(f"data_filler {i}: {exc}") from None
         for i, blob in enumerate(top):
             blob.reshape(self.shapes[i])
             if not self.refill[i]:

@@ -19,6 +19,7 @@ import lmdb
 import numpy as np
 
 from engine import caffe_pb2
+from engine.data.db import put_all
 from engine.errors import DataError, MokaError
 from engine.layer import TEST
 
@@ -56,14 +57,9 @@ class _FeatureDB:
             self.commit()
 
     def commit(self) -> None:
-        while self.pending:
-            try:
-                with self.env.begin(write=True) as txn:
-                    for key, value in self.pending:
-                        txn.put(key, value)
-                self.pending = []
-            except lmdb.MapFullError:
-                self.env.set_mapsize(self.env.info()["map_size"] * 2)
+        if self.pending:
+            put_all(self.env, self.pending)
+            self.pending = []
 
     def close(self) -> None:
         self.commit()

@@ -162,15 +162,20 @@ def write_lmdb(path: str, items: Iterable[tuple[bytes, bytes]], map_size: int = 
         for key, value in items:
             pending.append((key, value))
             if len(pending) == 1000:
-                count += _put_all(env, pending)
+                count += put_all(env, pending)
                 pending = []
-        count += _put_all(env, pending)
+        count += put_all(env, pending)
     finally:
         env.close()
     return count
 
 
-def _put_all(env: lmdb.Environment, pending: list[tuple[bytes, bytes]]) -> int:
+def put_all(env: lmdb.Environment, pending: list[tuple[bytes, bytes]]) -> int:
+    """Put the ``pending`` (key, value) pairs into ``env`` in one transaction; returns their count.
+
+    When the map fills, the transaction is dropped, the map size doubled and the whole batch
+    written again, so a caller never sizes the map itself.
+    """
     while True:
         try:
             with env.begin(write=True) as txn:

@@ -15,6 +15,7 @@ import numpy as np
 
 from engine.blob import Blob
 from engine.data.image import read_image
+from engine.data.listfile import empty_list_error, list_lines
 from engine.data.transformer import DataTransformer
 from engine.errors import DataError
 from engine.layer import register_layer
@@ -34,24 +35,15 @@ def resize_nearest(chw: np.ndarray, height: int, width: int) -> np.ndarray:
 
 def read_pair_list(source: str, where: str) -> list[tuple[str, str]]:
     """``image label_image`` lines (two whitespace-separated paths); blank lines skipped."""
-    try:
-        with open(source, encoding="utf-8") as f:
-            text = f.read()
-    except OSError as exc:
-        raise DataError(f"{where}: cannot read the image list '{source}': "
-                        f"{exc.strerror or exc}") from exc
     pairs = []
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, line in list_lines(source, where, "image list"):
         fields = line.split()
-        if not fields:
-            continue
         if len(fields) != 2:
             raise DataError(f"{where}: line {number} of '{source}' is {line!r}; expected "
                             f"'image_path label_image_path' (paths without spaces)")
         pairs.append((fields[0], fields[1]))
     if not pairs:
-        raise DataError(f"{where}: the image list '{source}' is empty; it must hold lines of "
-                        f"'image_path label_image_path'")
+        raise empty_list_error(source, where, "image list", "image_path label_image_path")
     return pairs
 
 

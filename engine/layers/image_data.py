@@ -15,6 +15,7 @@ import numpy as np
 
 from engine.blob import Blob
 from engine.data.image import read_image
+from engine.data.listfile import empty_list_error, list_lines
 from engine.data.prefetch import Prefetcher
 from engine.data.transformer import DataTransformer
 from engine.errors import DataError
@@ -66,17 +67,9 @@ def resize_linear(chw: np.ndarray, height: int, width: int) -> np.ndarray:
 
 def read_list_file(source: str, where: str) -> list[tuple[str, int]]:
     """``relpath label`` lines, split at the last space (paths may hold spaces); blanks skipped."""
-    try:
-        with open(source, encoding="utf-8") as f:
-            text = f.read()
-    except OSError as exc:
-        raise DataError(f"{where}: cannot read the image list '{source}': "
-                        f"{exc.strerror or exc}") from exc
     lines = []
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, line in list_lines(source, where, "image list"):
         line = line.rstrip()
-        if not line.strip():
-            continue
         path, _, label = line.rpartition(" ")
         try:
             lines.append((path, int(label)))
@@ -87,8 +80,7 @@ def read_list_file(source: str, where: str) -> list[tuple[str, int]]:
             raise DataError(f"{where}: line {number} of '{source}' is {line!r}; expected "
                             f"'relative/path label' with an integer label")
     if not lines:
-        raise DataError(f"{where}: the image list '{source}' is empty; it must hold lines of "
-                        f"'relative/path label'")
+        raise empty_list_error(source, where, "image list", "relative/path label")
     return lines
 
 

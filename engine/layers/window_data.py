@@ -22,6 +22,7 @@ import numpy as np
 from engine.blob import Blob
 from engine.data.db import read_mean
 from engine.data.image import read_image
+from engine.data.listfile import empty_list_error, list_lines
 from engine.errors import DataError
 from engine.layer import register_layer
 from engine.layers.data import DataLayer
@@ -44,13 +45,8 @@ class _Tokens:
 
     def __init__(self, source: str, where: str) -> None:
         self.source, self.where = source, where
-        try:
-            with open(source, encoding="utf-8") as f:
-                text = f.read()
-        except OSError as exc:
-            raise DataError(f"{where}: cannot read the window file '{source}': "
-                            f"{exc.strerror or exc}") from exc
-        self.tokens = [(token, number) for number, line in enumerate(text.splitlines(), 1)
+        self.tokens = [(token, number)
+                       for number, line in list_lines(source, where, "window file")
                        for token in line.split()]
         self.pos = 0
 
@@ -170,7 +166,7 @@ class WindowData(DataLayer):
     def _check_windows(self, source: str) -> None:
         w = self.windows
         if not w.images:
-            raise DataError(f"{self.where}: the window file '{source}' is empty")
+            raise empty_list_error(source, self.where, "window file")
         if not w.foreground or not w.background:
             kind = "foreground" if not w.foreground else "background"
             raise DataError(f"{self.where}: '{source}' has no {kind} windows at these "

@@ -139,10 +139,9 @@ class BN(Layer):
     def backward(self, top: list[Blob], propagate_down: Sequence[bool],
                  bottom: list[Blob]) -> None:
         dy = self._planes(top[0].diff)
-        flags = self.param_propagate_down
-        if not flags or flags[0]:
+        if self.param_down(0):
             self.blobs[0].diff.reshape(-1)[...] += _channel_sum(dy * self.x_hat)
-        if len(flags) < 2 or flags[1]:
+        if self.param_down(1):
             self.blobs[1].diff.reshape(-1)[...] += _channel_sum(dy)
         if not propagate_down[0]:
             return

@@ -294,12 +294,14 @@ def _column_bytes(x: np.ndarray, geom: ConvGeometry) -> int:
 
 
 def conv_forward_blocked(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None,
-                         geom: ConvGeometry, ws: Workspace, out: np.ndarray) -> int:
+                         geom: ConvGeometry, ws: Workspace, out: np.ndarray,
+                         block_bytes: int | None = None) -> int:
     """``conv_forward`` over blocks of the batch (``conv_blocks``), each block's columns built,
     multiplied and written out (the bias added in that same pass) while they are in cache.
     Returns the number of blocks; when it is 1, the batch's columns stay in ``ws`` for
-    ``conv_backward_blocked(..., columns_kept=True)``."""
-    blocks = conv_blocks(x.shape[0], _column_bytes(x, geom))
+    ``conv_backward_blocked(..., columns_kept=True)``. ``block_bytes``: the block budget
+    (default ``CONV_BLOCK_BYTES``)."""
+    blocks = conv_blocks(x.shape[0], _column_bytes(x, geom), block_bytes)
     for start, stop in blocks:
         work = ws.child(stop - start)
         work.kept = conv_forward(x[start:stop], weight, bias, geom, work, out[start:stop])
@@ -309,7 +311,7 @@ def conv_forward_blocked(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | N
 def conv_backward_blocked(dy: np.ndarray, x: np.ndarray, weight: np.ndarray,
                           geom: ConvGeometry, ws: Workspace, weight_diff: np.ndarray | None,
                           bias_diff: np.ndarray | None, dx: np.ndarray | None,
-                          columns_kept: bool = False) -> None:
+                          columns_kept: bool = False, block_bytes: int | None = None) -> None:
     """Backward of ``conv_forward_blocked``: per block of the batch, its columns again (cheap
     while cached, and no batch-sized matrix is kept from the forward), the parameter gradients
     accumulated (+=) and the input gradient written; any of the three may be None. With
@@ -317,7 +319,7 @@ def conv_backward_blocked(dy: np.ndarray, x: np.ndarray, weight: np.ndarray,
     ``ws`` has built nothing since), that forward's columns are used as they are."""
     if weight_diff is None and bias_diff is None and dx is None:
         return
-    blocks = conv_blocks(x.shape[0], _column_bytes(x, geom))
+    blocks = conv_blocks(x.shape[0], _column_bytes(x, geom), block_bytes)
     for start, stop in blocks:
         work = ws.child(stop - start)
         block_dy = dy[start:stop]

@@ -171,15 +171,16 @@ def fill_inputs(net, name: str) -> None:
         net.blobs["label"].data[...] = rng.integers(0, 10, net.blobs["label"].shape)
 
 
-def moka_deploy_net(name: str):
-    """The deploy net in the TEST phase, Xavier weights, random input."""
+def moka_net(name: str, deploy: bool = False):
+    """The net alone, no solver (as ``caffe time`` builds it): the training net in the TRAIN
+    phase, or with ``deploy`` the deploy net in the TEST phase; Xavier weights, random input."""
     import numpy as np
 
-    from engine import TEST, Net, caffe_pb2
+    from engine import TEST, TRAIN, Net, caffe_pb2
     from engine.io import parse_text
 
-    param = parse_text(moka_prototxt(name, deploy=True), caffe_pb2.NetParameter)
-    net = Net(param, TEST, rng=np.random.default_rng(1701))
+    param = parse_text(moka_prototxt(name, deploy=deploy), caffe_pb2.NetParameter)
+    net = Net(param, TEST if deploy else TRAIN, rng=np.random.default_rng(1701))
     fill_inputs(net, name)
     return net
 
@@ -187,23 +188,25 @@ def moka_deploy_net(name: str):
 def moka_step(name: str, mode: str) -> Callable[[], float]:
     sys.path.insert(0, str(REPO))  # benchmark this checkout
     if mode == "deploy":
-        deploy = moka_deploy_net(name)
+        deploy = moka_net(name, deploy=True)
         output = deploy.outputs[0]
 
         def forward() -> float:
             return float(deploy.forward()[output].ravel()[0])
         return forward
-    solver = moka_solver(name)
-    net = solver.net
     if mode == "train":
+        solver = moka_solver(name)
+
         def step() -> float:
             solver.step(1)
             return solver.smoothed_loss
-    else:
-        def step() -> float:
-            net.clear_param_diffs()
-            return net.forward_backward()
-    return step
+        return step
+    net = moka_net(name)  # no solver: its momentum history is no part of fwd+bwd's memory
+
+    def fwdbwd() -> float:
+        net.clear_param_diffs()
+        return net.forward_backward()
+    return fwdbwd
 
 
 # -- PyTorch -----------------------------------------------------------------------------------

@@ -18,6 +18,11 @@ runs ``--rounds`` times, each time in a new interpreter; the peak RSS is the wor
 (10^6 bytes) and the ratio to Caffe's figure.
 
     PYTHONPATH=$PWD python tests/benchmarks/bench_memory.py [--rounds 3] [--cases a,b]
+                                                             [--iterations 1]
+
+With ``--iterations N`` the ``engine time`` cases run N iterations and the table also gives
+their average forward-backward ms (``engine time``'s own figure, as ``caffe time``'s), compared
+with Caffe's AlexNet time quoted in issue 9.
 
 Not collected by pytest (no ``test_`` prefix).
 """
@@ -45,13 +50,16 @@ CASES = {
     "cifar-train": (CIFAR, 100, "train", None),
 }
 
+# caffe time's AlexNet b10 forward-backward on this machine type, ms (issue 9)
+CAFFE_ALEXNET_MS = (370.0, 470.0)
+
 WORKER = r"""
 import resource, sys
 import numpy as np
 mode, path = sys.argv[1], sys.argv[2]
 if mode == "time":
     from engine.cli import main
-    rc = main(["time", "--model", path, "--iterations", "1"])
+    rc = main(["time", "--model", path, "--iterations", sys.argv[3]])
 elif mode == "train":
     import engine
     net = engine.Net(path, engine.TRAIN)
@@ -93,14 +101,19 @@ def with_batch(source: Path, batch: int, folder: Path, train: bool = False) -> P
     return out
 
 
-def measure(mode: str, path: Path) -> float:
-    """Peak RSS in MB of one fresh worker process."""
+def measure(mode: str, path: Path, iterations: int) -> tuple[float, float | None]:
+    """Peak RSS in MB of one fresh worker process, and for ``engine time`` its average
+    forward-backward ms over ``iterations``."""
     env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}
-    done = subprocess.run([sys.executable, "-c", WORKER, mode, str(path)], env=env,
-                          capture_output=True, text=True, cwd=REPO, check=False)
+    done = subprocess.run([sys.executable, "-c", WORKER, mode, str(path), str(iterations)],
+                          env=env, capture_output=True, text=True, cwd=REPO, check=False)
+    fwdbwd = None
+    for line in done.stderr.splitlines():
+        if "Average Forward-Backward:" in line:
+            fwdbwd = float(line.split("Average Forward-Backward:")[1].split()[0])
     for line in done.stdout.splitlines():
         if line.startswith("PEAK_KB"):
-            return int(line.split()[1]) * 1024 / 1e6
+            return int(line.split()[1]) * 1024 / 1e6, fwdbwd
     raise RuntimeError(f"worker {mode} {path.name} failed:\n{done.stderr[-2000:]}")
 
 
@@ -108,25 +121,39 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--iterations", type=int, default=1,
+                        help="engine time's iterations (its forward-backward ms is reported)")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
     names = args.cases.split(",")
     results: dict[str, list[float]] = {n: [] for n in names}
+    times: dict[str, list[float]] = {n: [] for n in names}
     with tempfile.TemporaryDirectory() as tmp:
         paths = {n: with_batch(CONFORMANCE / CASES[n][0], CASES[n][1], Path(tmp),
                                CASES[n][2] == "train") for n in names}
         for _ in range(args.rounds):
             for name in names:
-                results[name].append(measure(CASES[name][2], paths[name]))
-    print(f"{'case':16} {'median MB':>10} {'range':>15} {'Caffe MB':>9} {'ratio':>6}")
+                peak, fwdbwd = measure(CASES[name][2], paths[name], args.iterations)
+                results[name].append(peak)
+                if fwdbwd is not None:
+                    times[name].append(fwdbwd)
+    print(f"{'case':16} {'median MB':>10} {'range':>15} {'Caffe MB':>9} {'ratio':>6}"
+          f"{'fwd+bwd ms':>12} {'range':>13}")
     for name in names:
         values = results[name]
         med = statistics.median(values)
         caffe = CASES[name][3]
         ratio = f"{med / caffe:.2f}" if caffe else "-"
         span = f"{min(values):.0f}-{max(values):.0f}"
-        print(f"{name:16} {med:10.0f} {span:>15} {caffe or '-':>9} {ratio:>6}")
-
+        ms = times[name]
+        timing = (f"{statistics.median(ms):12.1f} {f'{min(ms):.1f}-{max(ms):.1f}':>13}" if ms
+                  else f"{'-':>12} {'':>13}")
+        print(f"{name:16} {med:10.0f} {span:>15} {caffe or '-':>9} {ratio:>6}{timing}")
+    if times.get("alexnet-fwdbwd"):
+        ms = statistics.median(times["alexnet-fwdbwd"])
+        low, high = CAFFE_ALEXNET_MS
+        print(f"alexnet-fwdbwd: engine time's forward-backward {ms:.1f} ms vs caffe time's "
+              f"{low:.0f}-{high:.0f} ms (issue 9) = {ms / high:.2f}-{ms / low:.2f}x Caffe's time")
 
 if __name__ == "__main__":
     main()

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-from engine.parallel import for_batch_chunks
+from engine.parallel import for_batch_blocks, for_batch_chunks, num_threads, single_threaded_blas
 
 
 # -- sizes and offsets -------------------------------------------------------------------------
@@ -333,6 +333,29 @@ def conv_backward_blocked(dy: np.ndarray, x: np.ndarray, weight: np.ndarray,
             conv_backward_data(block_dy, weight, geom, work, dx[start:stop])
 
 
+# A weight gradient with a small output and a long inner dimension (N*P at least half of
+# O/G * K) is summed from per-block products that Moka's threads compute side by side, each GEMM
+# on one BLAS thread: OpenBLAS's threads meet once per inner block of a GEMM, so a small output
+# over a long inner dimension ran up to ~3x slower on two BLAS threads than on one (and 10-100x
+# slower when another process held a core). A block is one sample (its dy is the (O, P) matrix
+# as it is) when P >= DW_SAMPLE_INNER, else enough samples (dy copied transposed per block) for
+# an inner dimension of DW_BLOCK_INNER. Wall ms on two threads, interleaved medians, one GEMM vs
+# blocks: LeNet conv1 1.61 vs 0.59, CIFAR10-quick conv1 10.1 vs 5.9 (7.2 vs 5.5 quieter; its
+# 25-image block 1.9 vs 1.4), AlexNet conv1 11.3 vs 10.1; CIFAR10-quick conv2 (P=256) level,
+# blocks of 1/2/4/8 samples 22.2/23.8/21.1/21.0 under load. With a larger output (LeNet conv2,
+# CIFAR10-quick conv3, AlexNet conv2-5) the one GEMM was level or ahead on a quiet machine.
+DW_SAMPLE_INNER = 512
+DW_BLOCK_INNER = 2048
+
+
+def _dw_block(n: int, p: int, out_size: int) -> int:
+    """Samples per block of the weight gradient's product, or 0 for one GEMM over the batch."""
+    per_block = 1 if p >= DW_SAMPLE_INNER else -(-DW_BLOCK_INNER // p)
+    if 2 * n * p < out_size or n < 2 * per_block:
+        return 0
+    return per_block
+
+
 def conv_backward_params(dy: np.ndarray, matrix: np.ndarray, geom: ConvGeometry,
                          ws: Workspace, weight_diff: np.ndarray | None,
                          bias_diff: np.ndarray | None) -> None:
@@ -340,21 +363,77 @@ def conv_backward_params(dy: np.ndarray, matrix: np.ndarray, geom: ConvGeometry,
     matrices of the forward input; either diff may be None (not wanted)."""
     n, o, p = dy.shape[0], dy.shape[1], math.prod(dy.shape[2:])
     group, og = geom.group, o // geom.group
-    dw = np.empty((group, og, matrix.shape[2]), dy.dtype)
-    # One GEMM over the batch (block) for either column layout: it reads channel-first columns
-    # (K, N*P) as a transposed matrix. Per-sample GEMMs that read dy as it is took less CPU on one
-    # thread (CIFAR10-quick conv1, 25-image blocks: 11.3 vs 12.1 ms) but more wall time on two
-    # BLAS threads (20 vs 16 ms): a hundred small GEMMs synchronise the threads a hundred times.
-    dyt = ws.get("dy_t", (o, n, p), dy.dtype)  # one GEMM over the batch needs dy as (O, N*P)
-    batch_copyto(dyt.transpose(1, 0, 2), dy.reshape(n, o, p))
-    dyt = dyt.reshape(o, -1)
-    if bias_diff is not None:  # a GEMV against ones, as Caffe does
-        bias_diff += dyt @ ws.get("ones", (n * p,), dy.dtype, fill=1)
-    if weight_diff is not None:
-        for g in range(group):
-            np.matmul(dyt[g * og:(g + 1) * og], matrix[g], out=dw[g])
+    per_block = _dw_block(n, p, og * matrix.shape[2])
+    if per_block:
+        dw, db = _params_by_blocks(dy.reshape(n, o, p), matrix, group, per_block, ws,
+                                   weight_diff is not None, bias_diff is not None)
+    else:
+        dw, db = _params_one_gemm(dy.reshape(n, o, p), matrix, group, ws,
+                                  weight_diff is not None, bias_diff is not None)
+    if bias_diff is not None:
+        bias_diff += db
     if weight_diff is not None:
         weight_diff += np.moveaxis(dw.reshape(o, *geom.kernel, -1), -1, 1)
+
+
+def _params_one_gemm(dy: np.ndarray, matrix: np.ndarray, group: int, ws: Workspace,
+                     weights: bool, bias: bool) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(O, K) weight and (O,) bias gradients of ``dy`` (N, O, P): one GEMM over the batch, which
+    reads channel-first columns (K, N*P) as a transposed matrix."""
+    n, o, p = dy.shape
+    og = o // group
+    dyt = ws.get("dy_t", (o, n, p), dy.dtype)  # one GEMM over the batch needs dy as (O, N*P)
+    batch_copyto(dyt.transpose(1, 0, 2), dy)
+    dyt = dyt.reshape(o, -1)
+    db = dyt @ ws.get("ones", (n * p,), dy.dtype, fill=1) if bias else None  # GEMV, as Caffe
+    dw = None
+    if weights:
+        dw = np.empty((o, matrix.shape[2]), dy.dtype)
+        for g in range(group):
+            np.matmul(dyt[g * og:(g + 1) * og], matrix[g], out=dw[g * og:(g + 1) * og])
+    return dw, db
+
+
+def _params_by_blocks(dy: np.ndarray, matrix: np.ndarray, group: int, per_block: int,
+                      ws: Workspace, weights: bool,
+                      bias: bool) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """``_params_one_gemm``'s gradients as sums of per-block products over blocks of
+    ``per_block`` samples, blocks in order: the same for every thread count."""
+    n, o, p = dy.shape
+    og, k = o // group, matrix.shape[2]
+    count = -(-n // per_block)
+    parts = ws.get("dw_parts", (count, o, k), dy.dtype)
+    bias_parts = ws.get("db_parts", (count, o), dy.dtype)
+    ones = ws.get("ones_block", (per_block * p,), dy.dtype, fill=1)
+    columns = matrix.reshape(group, n, p, k)  # a view for both layouts
+    scratch = [ws.get(f"dy_block{w}", (o * per_block * p,), dy.dtype)
+               for w in range(num_threads())] if per_block > 1 else []
+
+    def products(rows: np.ndarray, first: int, last: int, out: slice | int) -> None:
+        """Block products of ``rows`` (..., O, L) and samples first..last-1 into ``out``."""
+        if weights:
+            for g in range(group):
+                cols = columns[g, first:last]
+                cols = cols if rows.ndim == 3 else cols.reshape(-1, k)
+                np.matmul(rows[..., g * og:(g + 1) * og, :], cols,
+                          out=parts[out, g * og:(g + 1) * og])
+        if bias:
+            np.matmul(rows, ones[:rows.shape[-1]], out=bias_parts[out])
+
+    def work(worker: int, start: int, stop: int) -> None:
+        if per_block == 1:  # dy's samples are the blocks' (O, P) matrices as they are
+            products(dy[start:stop], start, stop, slice(start, stop))
+            return
+        for j in range(start, stop):
+            first, last = j * per_block, min(n, (j + 1) * per_block)
+            rows = scratch[worker][:o * (last - first) * p].reshape(o, last - first, p)
+            np.copyto(rows.transpose(1, 0, 2), dy[first:last])
+            products(rows.reshape(o, -1), first, last, j)
+
+    with single_threaded_blas():
+        for_batch_blocks(work, count, per_block * p * (o + k))
+    return (parts.sum(axis=0) if weights else None,
+            bias_parts.sum(axis=0) if bias else None)
 
 
 def _dy_rows(dy: np.ndarray, geom: ConvGeometry, ws: Workspace, width: int) -> np.ndarray:

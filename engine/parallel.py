@@ -3,7 +3,8 @@
 numpy releases the GIL inside copies and ufunc loops over large arrays, so a few threads working
 on disjoint ranges of the batch axis run those steps in parallel. Each batch item is computed
 exactly as it would be on one thread, so results are bit-identical for every thread count (exact
-resume depends on it). Never call these around a BLAS GEMM: BLAS already uses every core.
+resume depends on it). Never call these around a BLAS GEMM: BLAS already uses every core; GEMMs
+that Moka's threads run side by side go inside ``single_threaded_blas``.
 
 One count, set explicitly, drives both Moka's threads and numpy's BLAS threads:
 ``MOKA_NUM_THREADS`` if set, else the CPUs this process may use; ``set_num_threads`` (the CLI's
@@ -26,12 +27,13 @@ anew with the short timeout. Either import order ends in the same configuration 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import queue
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 # log2 of the cycles an idle OpenBLAS worker spins before sleeping (OpenBLAS's default is 28).
 BLAS_THREAD_TIMEOUT = "4"
@@ -145,6 +147,7 @@ def blas_thread_timeout() -> int | None:
 
 _threads = 1
 _blas_threads = 1
+_blas_controller: threadpoolctl.ThreadpoolController | None = None  # found on first use
 
 
 def num_threads() -> int:
@@ -161,7 +164,7 @@ def set_num_threads(threads: int | None) -> int:
     """Use ``threads`` threads from now on, in Moka's batch steps and in numpy's BLAS (None:
     from the environment again); returns Moka's previous count. Idle workers beyond the new
     count are kept for later."""
-    global _threads, _blas_threads
+    global _threads, _blas_threads, _blas_controller
     previous = _threads
     if threads is None:
         _blas_threads = _threads_from_environment()
@@ -170,7 +173,27 @@ def set_num_threads(threads: int | None) -> int:
     else:
         _threads = _blas_threads = max(1, int(threads))
     threadpoolctl.threadpool_limits(limits=_blas_threads, user_api="blas")
+    _blas_controller = None  # looked up again: a BLAS loaded since is found too
     return previous
+
+
+@contextlib.contextmanager
+def single_threaded_blas() -> Iterator[None]:
+    """BLAS on one thread inside the block, on Moka's count again after it: for GEMMs that
+    Moka's threads run side by side, each on its own part (``for_batch_blocks``). Setting the
+    count is a call into the library (~1 us); a BLAS call from another thread meanwhile also
+    runs on one thread."""
+    global _blas_controller
+    if _blas_controller is None:
+        _blas_controller = threadpoolctl.ThreadpoolController().select(user_api="blas")
+    libraries = _blas_controller.lib_controllers
+    for library in libraries:
+        library.set_num_threads(1)
+    try:
+        yield
+    finally:
+        for library in libraries:
+            library.set_num_threads(_blas_threads)
 
 
 def thread_configuration() -> dict:

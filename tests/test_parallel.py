@@ -125,6 +125,7 @@ LAYERS = [
 def test_results_do_not_depend_on_the_thread_count(threads, monkeypatch, text):
     monkeypatch.setattr(pooling_module, "POOL_BLOCK_WORK", 200)  # several blocks per thread
     monkeypatch.setattr(kernels, "CONV_BLOCK_BYTES", 20000)  # convolution over batch blocks
+    monkeypatch.setattr(kernels, "DW_BLOCK_INNER", 250)  # weight gradient from 3-sample blocks
     # integers in the input make ties, so the max pool's first-maximum rule is exercised too
     rng = np.random.default_rng(0)
     x = rng.integers(-3, 4, (7, 4, 11, 10)) + rng.standard_normal((7, 4, 11, 10)) * (rng.random(
@@ -182,6 +183,18 @@ def test_set_num_threads_sets_blas_threads():
     finally:
         parallel.set_num_threads(None)
     assert parallel.blas_num_threads() == parallel._threads_from_environment()
+
+
+def test_single_threaded_blas_restores_the_count():
+    try:
+        parallel.set_num_threads(2)
+        with parallel.single_threaded_blas():
+            assert all(b["threads"] == 1 for b in parallel.thread_configuration()["blas"])
+        with pytest.raises(RuntimeError), parallel.single_threaded_blas():
+            raise RuntimeError
+        assert all(b["threads"] == 2 for b in parallel.thread_configuration()["blas"])
+    finally:
+        parallel.set_num_threads(None)
 
 
 def test_threads_flag_sets_both_counts():

@@ -26,8 +26,9 @@ class AdaGrad(Solver):
             raise SolverError(f"Momentum cannot be used with AdaGrad; got momentum "
                               f"{self.param.momentum} (set it to 0 or remove it)")
 
-    def compute_update(self, i: int, grad: np.ndarray, local_rate: float) -> np.ndarray:
-        h = self.state[i]["history"]
+    def update_elements(self, grad: np.ndarray, state: dict[str, np.ndarray],
+                        local_rate: float) -> np.ndarray:
+        h = state["history"]
         h += np.square(grad)
         denom = np.sqrt(h)
         denom += self.param.delta
@@ -53,9 +54,10 @@ class RMSProp(Solver):
             raise SolverError(f"rms_decay should lie between 0 and 1 (0 <= rms_decay < 1); "
                               f"got {self.param.rms_decay}")
 
-    def compute_update(self, i: int, grad: np.ndarray, local_rate: float) -> np.ndarray:
+    def update_elements(self, grad: np.ndarray, state: dict[str, np.ndarray],
+                        local_rate: float) -> np.ndarray:
         d = self.param.rms_decay
-        h = self.state[i]["history"]
+        h = state["history"]
         h *= d
         h += (1.0 - d) * np.square(grad)
         denom = np.sqrt(h)
@@ -75,9 +77,10 @@ class AdaDelta(Solver):
 
     state_names = ("history", "update_history")
 
-    def compute_update(self, i: int, grad: np.ndarray, local_rate: float) -> np.ndarray:
+    def update_elements(self, grad: np.ndarray, state: dict[str, np.ndarray],
+                        local_rate: float) -> np.ndarray:
         m, delta = self.param.momentum, self.param.delta
-        g2, u2 = self.state[i]["history"], self.state[i]["update_history"]
+        g2, u2 = state["history"], state["update_history"]
         g2 *= m
         g2 += (1.0 - m) * np.square(grad)
         ratio = u2 + delta
@@ -100,9 +103,10 @@ class Adam(Solver):
 
     state_names = ("m", "v")
 
-    def compute_update(self, i: int, grad: np.ndarray, local_rate: float) -> np.ndarray:
+    def update_elements(self, grad: np.ndarray, state: dict[str, np.ndarray],
+                        local_rate: float) -> np.ndarray:
         b1, b2 = self.param.momentum, self.param.momentum2
-        m, v = self.state[i]["m"], self.state[i]["v"]
+        m, v = state["m"], state["v"]
         t = self.iter + 1
         correction = math.sqrt(1.0 - b2**t) / (1.0 - b1**t)
         m *= b1

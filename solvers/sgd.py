@@ -20,8 +20,9 @@ class SGD(Solver):
 
     state_names = ("history",)
 
-    def compute_update(self, i: int, grad: np.ndarray, local_rate: float) -> np.ndarray:
-        v = self.state[i]["history"]
+    def update_elements(self, grad: np.ndarray, state: dict[str, np.ndarray],
+                        local_rate: float) -> np.ndarray:
+        v = state["history"]
         v *= self.param.momentum
         grad *= local_rate  # in place: the diff is scratch by now
         v += grad
@@ -37,9 +38,10 @@ class Nesterov(Solver):
 
     state_names = ("history",)
 
-    def compute_update(self, i: int, grad: np.ndarray, local_rate: float) -> np.ndarray:
+    def update_elements(self, grad: np.ndarray, state: dict[str, np.ndarray],
+                        local_rate: float) -> np.ndarray:
         m = self.param.momentum
-        v = self.state[i]["history"]
+        v = state["history"]
         v_prev = v.copy()
         v *= m
         v += local_rate * grad

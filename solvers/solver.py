@@ -1,7 +1,10 @@
 """The training loop shared by every update rule (Caffe's ``Solver`` / ``SGDSolver``).
 
 A rule is a ``Solver`` subclass that names its per-parameter state (``state_names``) and gives
-``compute_update(i, grad, local_rate) -> step``; everything else lives here: building the train
+``compute_update(i, grad, local_rate) -> step``, or, when each element's step depends on that
+element alone (Caffe's six rules), ``update_elements(grad, state, local_rate) -> step``, which
+the update runs on cache-sized chunks of every parameter (the same arithmetic per element, so
+the same bits); everything else lives here: building the train
 and test nets, ``step``/``solve`` with Caffe's test, display and snapshot schedule, the fixed
 ``apply_update`` order, and signal requests. Snapshot files are written by ``solvers.snapshot``.
 
@@ -38,6 +41,9 @@ log = logging.getLogger("solvers")
 
 SOLVERS: dict[str, type[Solver]] = {}
 SIGNAL_EFFECTS = ("stop", "snapshot", "none")  # Caffe's --sigint_effect / --sighup_effect
+# An elementwise update runs every step of the rule on chunks of this many elements of a
+# parameter, whose data, diff and state stay in cache between the steps.
+UPDATE_CHUNK = 1 << 15
 
 
 def register_solver(cls: type[Solver]) -> type[Solver]:
@@ -120,6 +126,8 @@ class Solver:
         self._previous_handlers: dict[int, object] = {}
         self._early_exit = False
         self.progress = None  # an object with update(solver), e.g. engine.progress.Progress
+        self._chunks: tuple | None = None  # see _update_chunks
+        self._scratch: np.ndarray | None = None  # the decay term of an update chunk
         # MPI data parallelism (engine.distributed.DataParallel.attach): reduces the gradients
         # over the ranks; only its rank 0 tests and snapshots
         self.reducer = None
@@ -131,7 +139,22 @@ class Solver:
 
     def compute_update(self, i: int, grad: np.ndarray, local_rate: float) -> np.ndarray:
         """The step for learnable param ``i`` (``data -= step``); may overwrite ``grad``."""
-        raise NotImplementedError(f"{type(self).__name__}.compute_update")
+        return self.update_elements(grad, self.state[i], local_rate)
+
+    def update_elements(self, grad: np.ndarray, state: dict[str, np.ndarray],
+                        local_rate: float) -> np.ndarray:
+        """The step for the elements ``grad`` of a param whose state arrays (by name, the same
+        elements) are ``state``: for a rule whose every element's step depends on that element
+        alone. May overwrite ``grad`` and must update ``state`` in place."""
+        raise NotImplementedError(f"{type(self).__name__} gives neither compute_update nor "
+                                  "update_elements")
+
+    def _elementwise(self) -> bool:
+        """Whether the update may run on chunks: the rule gives ``update_elements`` and does
+        not override ``compute_update``."""
+        rule = type(self)
+        return (rule.compute_update is Solver.compute_update
+                and rule.update_elements is not Solver.update_elements)
 
     # -- setup ---------------------------------------------------------------------------------
     def _plateau_tracker(self) -> PlateauTracker | None:
@@ -407,17 +430,64 @@ class Solver:
             log.info("Iteration %d, lr = %g", self.iter, rate)
         self.clip_gradients()
         show = self.net.debug_info
+        local_rates = [float(self.dtype.type(rate * lr)) for lr in self.net.params_lr]
+        chunks = None if show or not self._elementwise() else self._update_chunks()
+        if chunks is not None:
+            self._update_in_chunks(chunks, local_rates)
+            return
         for i, blob in enumerate(self.net.learnable_params):
             if self.param.iter_size > 1:
                 blob.diff *= 1.0 / self.param.iter_size
             self._regularize(i, blob)
-            local_rate = float(self.dtype.type(rate * self.net.params_lr[i]))
-            step = self.compute_update(i, blob.diff, local_rate)
+            step = self.compute_update(i, blob.diff, local_rates[i])
             if step is not blob.diff:
                 blob.diff[...] = step  # Caffe leaves the applied step in the diff
             if show:
                 debug_info.update(self.net, i, blob.data, blob.diff)
             blob.data -= blob.diff
+
+    def _update_chunks(self) -> list[tuple] | None:
+        """Per chunk of ``UPDATE_CHUNK`` elements of a param: (param index, its data, diff and
+        state views); kept while the arrays stay the same; None if an array is not contiguous."""
+        arrays = [(blob.data, blob.diff, *self.state[i].values())
+                  for i, blob in enumerate(self.net.learnable_params)]
+        key = [UPDATE_CHUNK, *(id(a) for per_param in arrays for a in per_param)]
+        if self._chunks is not None and self._chunks[0] == key:
+            return self._chunks[1]
+        chunks = None
+        if all(a.flags.c_contiguous for per_param in arrays for a in per_param):
+            chunks = []
+            for i, (data, diff, *_) in enumerate(arrays):
+                flat = [data.reshape(-1), diff.reshape(-1)]
+                state = {name: a.reshape(-1) for name, a in self.state[i].items()}
+                for start in range(0, data.size, UPDATE_CHUNK):
+                    part = slice(start, start + UPDATE_CHUNK)
+                    chunks.append((i, flat[0][part], flat[1][part],
+                                   {name: a[part] for name, a in state.items()}))
+        self._chunks = (key, chunks, arrays)  # the arrays: their ids stay theirs while kept
+        return chunks
+
+    def _update_in_chunks(self, chunks: list[tuple], local_rates: list[float]) -> None:
+        """``apply_update``'s per-param steps, each element's in the same order and arithmetic,
+        chunk by chunk (see ``UPDATE_CHUNK``)."""
+        p = self.param
+        decays = [p.weight_decay * mult for mult in self.net.params_weight_decay]
+        l2 = p.regularization_type == "L2"
+        scale = 1.0 / p.iter_size if p.iter_size > 1 else None
+        if self._scratch is None or self._scratch.shape != (UPDATE_CHUNK,) or \
+                self._scratch.dtype != self.dtype:
+            self._scratch = np.empty(UPDATE_CHUNK, self.dtype)
+        for i, data, diff, state in chunks:
+            if scale is not None:
+                diff *= scale
+            if decays[i]:
+                term = self._scratch[:data.size]
+                np.multiply(data if l2 else np.sign(data, out=term), decays[i], out=term)
+                diff += term
+            step = self.update_elements(diff, state, local_rates[i])
+            if step is not diff:
+                np.copyto(diff, step)  # Caffe leaves the applied step in the diff
+            data -= diff
 
     def clip_gradients(self) -> None:
         """Scale every diff by clip/norm when the global L2 norm exceeds ``clip_gradients``."""

@@ -212,3 +212,30 @@ def test_float32_nets_train_in_float32(make_solver):
         assert blob.data.dtype == np.float32
     for per_param in solver.state:
         assert all(a.dtype == np.float32 for a in per_param.values())
+
+
+@pytest.mark.parametrize(("type_", "fields", "rule", "names"), RULES)
+@pytest.mark.parametrize("extra", ["weight_decay: 0.01", 'weight_decay: 0.02 regularization_type: '
+                                   '"L1" iter_size: 2 clip_gradients: 0.1'])
+def test_chunked_update_is_bit_identical_to_the_per_param_one(make_solver, monkeypatch, type_,
+                                                              fields, rule, names, extra):
+    """The elementwise update on small chunks (most params split across chunks) gives the
+    per-param update's bits: params, diffs and history."""
+    import solvers.solver as solver_module
+
+    net = TWO_LAYER % "param { lr_mult: 1 decay_mult: 1 } param { lr_mult: 2 decay_mult: 0 }"
+    text = f'type: "{type_}" base_lr: 0.05 lr_policy: "fixed" random_seed: 7 {fields} {extra}'
+    runs = []
+    for chunked in (False, True):
+        monkeypatch.setattr(solver_module.Solver, "_elementwise", lambda self, c=chunked: c)
+        monkeypatch.setattr(solver_module, "UPDATE_CHUNK", 3)
+        solver = make_solver(text, net, dtype=np.float32, name=f"s{chunked}")
+        solver.step(3)
+        runs.append(solver)
+    plain, chunked_run = runs
+    for a, b in zip(plain.net.learnable_params, chunked_run.net.learnable_params, strict=True):
+        np.testing.assert_array_equal(a.data, b.data)
+        np.testing.assert_array_equal(a.diff, b.diff)
+    for a, b in zip(plain.state, chunked_run.state, strict=True):
+        for name in a:
+            np.testing.assert_array_equal(a[name], b[name])

@@ -8,16 +8,24 @@ from collections.abc import Sequence
 import numpy as np
 
 from engine.blob import Blob
+from engine.kernels import Workspace
 from engine.layer import TEST, Layer, register_layer
+from engine.parallel import for_batch_blocks
 
 ACROSS_CHANNELS, WITHIN_CHANNEL = 0, 1  # LRNParameter.NormRegion
+# LRN runs its elementwise chain over blocks of the batch of about this many elements, so the
+# block's temporaries stay in cache between the passes.
+LRN_BLOCK_WORK = 1 << 18
 
 
-def _centred_sum(a: np.ndarray, axis: int, size: int) -> np.ndarray:
+def _centred_sum(a: np.ndarray, axis: int, size: int, out: np.ndarray) -> np.ndarray:
     """Sum of ``a`` over a window of ``size`` (odd) centred on each index along ``axis``, with
-    zeros past the ends. Symmetric, so it is also its own adjoint (the backward's window sum).
+    zeros past the ends, written into ``out`` (which may be ``a``: then a copy is summed).
+    Symmetric, so it is also its own adjoint (the backward's window sum).
     """
-    out = a.copy()
+    if out is a:
+        a = a.copy()
+    np.copyto(out, a)
     head = [slice(None)] * a.ndim
     tail = [slice(None)] * a.ndim
     for shift in range(1, min((size - 1) // 2, a.shape[axis] - 1) + 1):
@@ -38,6 +46,11 @@ class LRN(Layer):
     ignores k. Backward is Caffe's closed form: ``dx = dy * scale^-beta - 2 alpha beta / n'
     * x * window_sum(dy * y / scale)`` with n' = n (across) or n^2 (within).
 
+    Forward and backward run their elementwise chains block by block over the batch, on the
+    threads, each block's temporaries in cache (AlexNet's norm1, 10x96x55x55, forward/backward
+    on two threads: 12.3 / 14.7 ms whole-array passes, 6.1-7.6 / 6.5 ms by blocks when the other
+    core is free; one thread 11.9 / 13.6 vs 12.0 / 12.0 ms).
+
     Shapes: bottom (N, C, H, W), top like bottom; not in place (backward needs x).
     """
 
@@ -57,6 +70,7 @@ class LRN(Layer):
         self.grad_coeff = 2 * self.alpha * self.beta / window
         self._scale: np.ndarray | None = None
         self._factor: np.ndarray | None = None
+        self._work = Workspace()  # per-thread block scratch
 
     def reshape(self, bottom: list[Blob], top: list[Blob]) -> None:
         if bottom[0].num_axes != 4:
@@ -66,11 +80,6 @@ class LRN(Layer):
             raise self.error("does not allow in-place computation (backward needs the input)")
         top[0].reshape(bottom[0].shape)
 
-    def _window_sum(self, a: np.ndarray) -> np.ndarray:
-        if self.region == ACROSS_CHANNELS:
-            return _centred_sum(a, 1, self.size)
-        return _centred_sum(_centred_sum(a, 2, self.size), 3, self.size)
-
     _keep_state = True  # keep scale and factor for backward (not in a net without backward)
 
     def share_workspace(self, shared, keep_for_backward: bool) -> None:
@@ -78,22 +87,31 @@ class LRN(Layer):
         self._keep_state = keep_for_backward
 
     def forward(self, bottom: list[Blob], top: list[Blob]) -> None:
-        x = bottom[0].data
-        scale = self._window_sum(np.square(x))
-        if self.region == ACROSS_CHANNELS:
-            scale *= self.alpha / self.size
-            scale += self.k
-        else:
-            scale /= self.size**2  # the AVE pooling's divisor, then Power(shift 1, scale alpha)
-            scale *= self.alpha
-            scale += 1
+        x, y = bottom[0].data, top[0].data
         if self._keep_state:
-            self._scale = scale
-            self._factor = np.power(scale, -self.beta)
+            if self._scale is None or self._scale.shape != x.shape or self._scale.dtype != x.dtype:
+                self._scale, self._factor = np.empty_like(x), np.empty_like(x)
         else:
             self._scale = self._factor = None
-        factor = self._factor if self._keep_state else np.power(scale, -self.beta, out=scale)
-        np.multiply(x, factor, out=top[0].data)
+
+        def block(worker: int, a: int, b: int) -> None:
+            work = self._work.lane(worker)
+            shape = (b - a, *x.shape[1:])
+            squares = work.get("squares", shape, x.dtype)
+            scale = self._scale[a:b] if self._keep_state else work.get("scale", shape, x.dtype)
+            np.square(x[a:b], out=squares)
+            self._window_sum_into(squares, scale)
+            if self.region == ACROSS_CHANNELS:
+                scale *= self.alpha / self.size
+                scale += self.k
+            else:
+                scale /= self.size**2  # the AVE pooling's divisor, then Power(shift 1, scale alpha)
+                scale *= self.alpha
+                scale += 1
+            factor = self._factor[a:b] if self._keep_state else squares
+            np.power(scale, -self.beta, out=factor)
+            np.multiply(x[a:b], factor, out=y[a:b])
+        for_batch_blocks(block, x.shape[0], x[0].size, LRN_BLOCK_WORK)
 
     def backward(self, top: list[Blob], propagate_down: Sequence[bool],
                  bottom: list[Blob]) -> None:
@@ -101,15 +119,27 @@ class LRN(Layer):
             return
         if self._scale is None or self._scale.shape != top[0].shape:
             raise self.error("backward called before a forward on this shape")
-        dy = top[0].diff
-        ratio = dy * top[0].data
-        ratio /= self._scale
-        window = self._window_sum(ratio)
-        window *= bottom[0].data
-        window *= self.grad_coeff
-        dx = bottom[0].diff
-        np.multiply(dy, self._factor, out=dx)
-        dx -= window
+        dy, y, x, dx = top[0].diff, top[0].data, bottom[0].data, bottom[0].diff
+
+        def block(worker: int, a: int, b: int) -> None:
+            work = self._work.lane(worker)
+            shape = (b - a, *x.shape[1:])
+            ratio = work.get("squares", shape, x.dtype)
+            window = work.get("scale", shape, x.dtype)
+            np.multiply(dy[a:b], y[a:b], out=ratio)
+            ratio /= self._scale[a:b]
+            self._window_sum_into(ratio, window)
+            window *= x[a:b]
+            window *= self.grad_coeff
+            np.multiply(dy[a:b], self._factor[a:b], out=dx[a:b])
+            dx[a:b] -= window
+        for_batch_blocks(block, x.shape[0], x[0].size, LRN_BLOCK_WORK)
+
+    def _window_sum_into(self, a: np.ndarray, out: np.ndarray) -> None:
+        if self.region == ACROSS_CHANNELS:
+            _centred_sum(a, 1, self.size, out)
+        else:
+            _centred_sum(_centred_sum(a, 2, self.size, out), 3, self.size, out)
 
 
 @register_layer

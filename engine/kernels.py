@@ -16,13 +16,20 @@ from __future__ import annotations
 
 import itertools
 import math
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-from engine.parallel import for_batch_blocks, for_batch_chunks, num_threads, single_threaded_blas
+from engine.parallel import (
+    for_batch_blocks,
+    for_batch_chunks,
+    for_each_block,
+    num_threads,
+    single_threaded_blas,
+)
 
 
 # -- sizes and offsets -------------------------------------------------------------------------
@@ -100,6 +107,11 @@ class Workspace:
         if child is None:
             child = self._children[key] = Workspace()
         return child
+
+    def lane(self, index: int) -> Workspace:
+        """The workspace of thread lane ``index`` (work running beside this workspace's own on
+        another thread; lane 0 is this one): no array of it is another lane's."""
+        return self if index == 0 else self.child(("lane", index))
 
     def get(self, name: str, shape: Sequence[int], dtype: np.dtype | type,
             fill: float | None = None) -> np.ndarray:
@@ -270,10 +282,14 @@ def conv_forward(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None,
 
 # Convolution works on blocks of the batch whose column matrices take about this many bytes:
 # they stay in cache between the im2col copy and the GEMMs that read them (CIFAR10-quick's conv2
-# builds 82 MB of columns over a batch of 100). Single-thread CPU ms (process time, a loaded
-# 2 vCPU Xeon, 2 MB L2 per core) of CIFAR10-quick's conv2 forward / weight gradient / input
-# gradient, whole batch vs 8 MB blocks: 35 / 31 / 24 vs 20 / 22 / 17; blocks of 2-16 MB were
-# all within ~15% of each other, 0.25 MB ones slower again.
+# builds 82 MB of columns over a batch of 100), and the blocks run side by side, one per thread,
+# each with a one-thread BLAS (parallel.for_each_block), in training too: backward builds a
+# block's columns again. Two threads, interleaved fresh processes, median of 5 (a loaded 2 vCPU
+# Xeon, 2 MB L2 per core), CIFAR10-quick b100 training iteration and peak RSS: 2 MB blocks
+# 138 ms / 138 MB, 4 MB 106 / 151, 8 MB 94-96 / 176, 12 MB 93 / 202, 16 MB 96 / 214, against
+# 100-105 ms / 365 MB for the whole batch's columns kept for backward with two-thread BLAS
+# GEMMs. (Single-thread CPU ms of conv2 forward / weight gradient / input gradient, whole batch
+# vs 8 MB blocks: 35 / 31 / 24 vs 20 / 22 / 17.)
 CONV_BLOCK_BYTES = 8 << 20
 
 
@@ -287,7 +303,7 @@ def conv_blocks(n: int, item_bytes: int, block_bytes: int | None = None) -> list
     return list(itertools.pairwise(bounds))
 
 
-def _column_bytes(x: np.ndarray, geom: ConvGeometry) -> int:
+def column_bytes(x: np.ndarray, geom: ConvGeometry) -> int:
     """Bytes of one batch item's im2col columns."""
     out = geom.out_size(x.shape[2:])
     return math.prod(out) * math.prod(geom.kernel) * x.shape[1] * x.itemsize
@@ -297,14 +313,22 @@ def conv_forward_blocked(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | N
                          geom: ConvGeometry, ws: Workspace, out: np.ndarray,
                          block_bytes: int | None = None) -> int:
     """``conv_forward`` over blocks of the batch (``conv_blocks``), each block's columns built,
-    multiplied and written out (the bias added in that same pass) while they are in cache.
-    Returns the number of blocks; when it is 1, the batch's columns stay in ``ws`` for
+    multiplied and written out (the bias added in that same pass) while they are in cache;
+    several blocks run side by side, one thread each (``parallel.for_each_block``). Returns the
+    number of blocks; when it is 1, the batch's columns stay in ``ws`` for
     ``conv_backward_blocked(..., columns_kept=True)``. ``block_bytes``: the block budget
     (default ``CONV_BLOCK_BYTES``)."""
-    blocks = conv_blocks(x.shape[0], _column_bytes(x, geom), block_bytes)
-    for start, stop in blocks:
-        work = ws.child(stop - start)
-        work.kept = conv_forward(x[start:stop], weight, bias, geom, work, out[start:stop])
+    blocks = conv_blocks(x.shape[0], column_bytes(x, geom), block_bytes)
+    if len(blocks) == 1:
+        work = ws.child(x.shape[0])
+        work.kept = conv_forward(x, weight, bias, geom, work, out)
+        return 1
+
+    def run(lane: int, first: int, stop: int) -> None:
+        for start, end in blocks[first:stop]:
+            conv_forward(x[start:end], weight, bias, geom, ws.lane(lane).child(end - start),
+                         out[start:end])
+    for_each_block(run, len(blocks))
     return len(blocks)
 
 
@@ -316,21 +340,63 @@ def conv_backward_blocked(dy: np.ndarray, x: np.ndarray, weight: np.ndarray,
     while cached, and no batch-sized matrix is kept from the forward), the parameter gradients
     accumulated (+=) and the input gradient written; any of the three may be None. With
     ``columns_kept`` (the caller knows that the forward on this same ``x`` was one block and
-    ``ws`` has built nothing since), that forward's columns are used as they are."""
+    ``ws`` has built nothing since), that forward's columns are used as they are.
+
+    Block ``i`` runs on thread lane ``i % lanes``. A block whose turn has not come (the blocks
+    before it not yet added) computes its parameter gradients into its lane's own buffers and
+    adds them once the block before it has, so the sums are those of one thread going block
+    after block, whatever the thread count."""
     if weight_diff is None and bias_diff is None and dx is None:
         return
-    blocks = conv_blocks(x.shape[0], _column_bytes(x, geom), block_bytes)
-    for start, stop in blocks:
-        work = ws.child(stop - start)
-        block_dy = dy[start:stop]
-        if weight_diff is not None:
-            kept = work.kept if columns_kept and len(blocks) == 1 else None
-            matrix = kept if kept is not None else conv_columns(x[start:stop], geom, work)
-            conv_backward_params(block_dy, matrix, geom, work, weight_diff, bias_diff)
-        elif bias_diff is not None:
-            bias_diff += block_dy.sum(axis=(0, *range(2, dy.ndim)))
-        if dx is not None:
-            conv_backward_data(block_dy, weight, geom, work, dx[start:stop])
+    blocks = conv_blocks(x.shape[0], column_bytes(x, geom), block_bytes)
+    if len(blocks) == 1:
+        work = ws.child(x.shape[0])
+        kept = work.kept if columns_kept else None
+        _conv_backward_block(dy, x, weight, geom, work, weight_diff, bias_diff, dx, kept)
+        return
+    lanes = min(num_threads(), len(blocks))
+    order = threading.Condition()
+    added = [0]  # blocks whose parameter gradients are in weight_diff and bias_diff
+
+    def run(_worker: int, first: int, stop: int) -> None:
+        for i in range(len(blocks)):
+            if not first <= i % lanes < stop:
+                continue
+            start, end = blocks[i]
+            work = ws.lane(i % lanes)
+            with order:
+                own = added[0] == i  # its turn already: add straight in
+            diffs = (weight_diff, bias_diff) if own else tuple(
+                None if d is None else work.get(name, d.shape, d.dtype)
+                for name, d in (("weight_diff", weight_diff), ("bias_diff", bias_diff)))
+            for d in diffs if not own else ():
+                if d is not None:
+                    d.fill(0)
+            _conv_backward_block(dy[start:end], x[start:end], weight, geom,
+                                 work.child(end - start), *diffs,
+                                 None if dx is None else dx[start:end], None)
+            with order:
+                order.wait_for(lambda i=i: added[0] == i)
+                for total, part in zip((weight_diff, bias_diff), diffs, strict=True):
+                    if part is not None and not own:
+                        total += part
+                added[0] += 1
+                order.notify_all()
+    for_each_block(run, lanes)
+
+
+def _conv_backward_block(dy: np.ndarray, x: np.ndarray, weight: np.ndarray,
+                         geom: ConvGeometry, ws: Workspace, weight_diff: np.ndarray | None,
+                         bias_diff: np.ndarray | None, dx: np.ndarray | None,
+                         matrix: np.ndarray | None) -> None:
+    """One block's backward; ``matrix``: its forward's columns, if kept (else built here)."""
+    if weight_diff is not None:
+        matrix = matrix if matrix is not None else conv_columns(x, geom, ws)
+        conv_backward_params(dy, matrix, geom, ws, weight_diff, bias_diff)
+    elif bias_diff is not None:
+        bias_diff += dy.sum(axis=(0, *range(2, dy.ndim)))
+    if dx is not None:
+        conv_backward_data(dy, weight, geom, ws, dx)
 
 
 # A weight gradient with a small output and a long inner dimension (N*P at least half of

@@ -28,11 +28,13 @@ What a net holds, and the rule for each kind:
   (zero-bordered padded copies, a vector of ones) stay each layer's own: they are small, and a
   shared one would need refilling at every call.
 - **State kept for backward**: Convolution works on batch blocks of ~8 MB of columns
-  (kernels.conv_forward_blocked) and builds a block's columns again in backward, except that a
-  batch of one block reuses its forward's columns. So a convolution that needs backward in a
-  net that can run one keeps its ``columns`` buffer private (at most a block, ~8 MB, per block
-  length); every other convolution shares it, and a kept result whose shared buffer another
-  layer took since is not reused (``_SharedView.kept``). LRN keeps its scale and factor (two
+  (kernels.conv_forward_blocked), one block per thread at a time, and builds a block's columns
+  again in backward, except that a batch of one block reuses its forward's columns. So a
+  convolution that needs backward in a net that can run one keeps a one-block batch's
+  ``columns`` private (at most ~8 MB per layer); every other convolution shares them, each
+  thread lane in buffers of its own (``columns``, ``columns@1``...: ``Workspace.lane``), and a
+  kept result whose shared buffer another layer took since is not reused
+  (``_SharedView.kept``). LRN keeps its scale and factor (two
   top-sized arrays) only under the same rule. Pooling's max positions (argmax, int32 or int16,
   the top's size), Dropout's mask and BatchNorm's statistics stay with their layer: a fraction
   of the layer's top, written only by that layer's forward. The in-place planner's stand-ins
@@ -101,8 +103,10 @@ class _SharedView(Workspace):
     None once another user has been handed a buffer it lies in, so a backward never reuses
     columns a later layer overwrote; it stays valid in ``private`` buffers."""
 
-    def __init__(self, shared: SharedWorkspace, user: object, private: frozenset[str]) -> None:
+    def __init__(self, shared: SharedWorkspace, user: object, private: frozenset[str],
+                 suffix: str = "") -> None:
         self._shared, self._user, self._private = shared, user, private
+        self._suffix = suffix  # a thread lane's: its own shared buffers
         self._marks: dict[str, tuple] = {}
         super().__init__()
 
@@ -122,9 +126,22 @@ class _SharedView(Workspace):
         shorter block), its fills tracked apart."""
         child = self._children.get(key)
         if child is None:
-            child = _SharedView(self._shared, (self._user, key), self._private)
+            child = _SharedView(self._shared, (self._user, key), self._private, self._suffix)
             self._children[key] = child
         return child
+
+    def lane(self, index: int) -> Workspace:
+        """Thread lane ``index``'s window: shared buffers of its own (``columns@1``...), which
+        every layer's lane ``index`` shares."""
+        if index == 0:
+            return self
+        key = ("lane", index)
+        lane = self._children.get(key)
+        if lane is None:
+            lane = _SharedView(self._shared, (self._user, key), self._private,
+                               f"{self._suffix}@{index}")
+            self._children[key] = lane
+        return lane
 
     def get(self, name: str, shape: Sequence[int], dtype: np.dtype | type,
             fill: float | None = None) -> np.ndarray:
@@ -133,7 +150,7 @@ class _SharedView(Workspace):
             # user's: shared, it would need refilling after every other layer (measured 2-4%
             # of a CIFAR10-quick training iteration); these are the small ones
             return super().get(name, shape, dtype, fill)
-        return self._shared.get(self._user, name, shape, dtype, fill)
+        return self._shared.get(self._user, name + self._suffix, shape, dtype, fill)
 
 
 # -- recycling ------------------------------------------------------------------------------------

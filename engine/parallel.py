@@ -4,7 +4,7 @@ numpy releases the GIL inside copies and ufunc loops over large arrays, so a few
 on disjoint ranges of the batch axis run those steps in parallel. Each batch item is computed
 exactly as it would be on one thread, so results are bit-identical for every thread count (exact
 resume depends on it). Never call these around a BLAS GEMM: BLAS already uses every core; GEMMs
-that Moka's threads run side by side go inside ``single_threaded_blas``.
+that Moka's threads run side by side go inside ``single_threaded_blas`` (``for_each_block``).
 
 One count, set explicitly, drives both Moka's threads and numpy's BLAS threads:
 ``MOKA_NUM_THREADS`` if set, else the CPUs this process may use; ``set_num_threads`` (the CLI's
@@ -148,6 +148,8 @@ def blas_thread_timeout() -> int | None:
 _threads = 1
 _blas_threads = 1
 _blas_controller: threadpoolctl.ThreadpoolController | None = None  # found on first use
+_single_blas_depth = 0  # single_threaded_blas blocks open, on any thread
+_single_blas_lock = threading.Lock()
 
 
 def num_threads() -> int:
@@ -182,18 +184,25 @@ def single_threaded_blas() -> Iterator[None]:
     """BLAS on one thread inside the block, on Moka's count again after it: for GEMMs that
     Moka's threads run side by side, each on its own part (``for_batch_blocks``). Setting the
     count is a call into the library (~1 us); a BLAS call from another thread meanwhile also
-    runs on one thread."""
-    global _blas_controller
+    runs on one thread. Nested (a block's GEMMs inside ``for_each_block``, on any of its
+    threads), it leaves the count to the outermost, which sets it back."""
+    global _blas_controller, _single_blas_depth
     if _blas_controller is None:
         _blas_controller = threadpoolctl.ThreadpoolController().select(user_api="blas")
     libraries = _blas_controller.lib_controllers
-    for library in libraries:
-        library.set_num_threads(1)
+    with _single_blas_lock:
+        _single_blas_depth += 1
+        if _single_blas_depth == 1:
+            for library in libraries:
+                library.set_num_threads(1)
     try:
         yield
     finally:
-        for library in libraries:
-            library.set_num_threads(_blas_threads)
+        with _single_blas_lock:
+            _single_blas_depth -= 1
+            if _single_blas_depth == 0:
+                for library in libraries:
+                    library.set_num_threads(_blas_threads)
 
 
 def thread_configuration() -> dict:
@@ -266,6 +275,24 @@ def for_batch_blocks(fn: Callable[[int, int, int], None], n: int, item_work: int
         error = error or failure
     if error is not None:
         raise error
+
+
+def for_each_block(fn: Callable[[int, int, int], None], n: int) -> None:
+    """Call ``fn(worker, start, stop)`` over one contiguous range of ``range(n)`` per thread,
+    for ``n`` independent blocks of work that each call BLAS (a convolution's batch blocks).
+
+    Meanwhile BLAS runs on one thread per caller (``single_threaded_blas``), so a block's copies
+    and GEMMs stay on one core and its cache, and the threads meet once per call instead of at
+    every copy and inside every GEMM. Nested or on one thread: ``fn(0, 0, n)`` inline, BLAS as
+    it is.
+    """
+    if n <= 0:
+        return
+    if min(_threads, n) == 1 or getattr(_local, "busy", False):
+        fn(0, 0, n)
+        return
+    with single_threaded_blas():
+        for_batch_blocks(fn, n, MIN_THREAD_WORK)
 
 
 def for_batch_chunks(fn: Callable[[int, int], None], n: int, item_work: int) -> None:

@@ -234,6 +234,17 @@ def test_shared_workspace_shares_scratch_but_not_filled_buffers():
     assert again[1, 1] == 7 and again.sum() == 7  # the border kept its zeros
 
 
+def test_thread_lanes_of_a_shared_workspace_have_buffers_of_their_own():
+    shared = SharedWorkspace()
+    a, b = shared.view("a"), shared.view("b")
+    lane0, lane1 = a.lane(0), a.lane(1).child(3)
+    assert lane0 is a
+    assert not np.shares_memory(lane0.get("columns", (4,), np.float32),
+                                lane1.get("columns", (4,), np.float32))
+    assert np.shares_memory(lane1.get("columns", (4,), np.float32),
+                            b.lane(1).get("columns", (2,), np.float32))  # lanes across layers
+
+
 def test_convolution_in_the_shared_workspace_keeps_its_results(monkeypatch):
     monkeypatch.setattr(kernels, "CONV_BLOCK_BYTES", 600)  # several batch blocks
     text = ('type: "Convolution" convolution_param { num_output: 3 kernel_size: 3 pad: 1 '

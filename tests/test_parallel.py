@@ -12,9 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import threadpoolctl
 from layer_helpers import blob_of, make_layer
 
 from engine import kernels, parallel
+from engine.layers import normalization
 from engine.layers import pooling as pooling_module
 
 REPO = Path(__file__).resolve().parents[1]
@@ -118,6 +120,7 @@ LAYERS = [
     'type: "Pooling" pooling_param { pool: MAX kernel_size: 3 stride: 2 }',
     'type: "Pooling" pooling_param { pool: MAX kernel_size: 2 stride: 2 pad: 1 }',
     'type: "ReLU"',
+    'type: "LRN" lrn_param { local_size: 3 alpha: 0.5 beta: 0.75 k: 2 }',
 ]
 
 
@@ -126,6 +129,7 @@ def test_results_do_not_depend_on_the_thread_count(threads, monkeypatch, text):
     monkeypatch.setattr(pooling_module, "POOL_BLOCK_WORK", 200)  # several blocks per thread
     monkeypatch.setattr(kernels, "CONV_BLOCK_BYTES", 20000)  # convolution over batch blocks
     monkeypatch.setattr(kernels, "DW_BLOCK_INNER", 250)  # weight gradient from 3-sample blocks
+    monkeypatch.setattr(normalization, "LRN_BLOCK_WORK", 600)
     # integers in the input make ties, so the max pool's first-maximum rule is exercised too
     rng = np.random.default_rng(0)
     x = rng.integers(-3, 4, (7, 4, 11, 10)) + rng.standard_normal((7, 4, 11, 10)) * (rng.random(
@@ -139,6 +143,28 @@ def test_results_do_not_depend_on_the_thread_count(threads, monkeypatch, text):
         np.testing.assert_array_equal(other[1], runs[0][1])
         for a, b in zip(other[2], runs[0][2], strict=True):
             np.testing.assert_array_equal(a, b)
+
+
+def blas_threads() -> set[int]:
+    return {info["num_threads"] for info in threadpoolctl.threadpool_info()
+            if info["user_api"] == "blas"}
+
+
+def test_blocks_run_with_one_blas_thread_each_and_blas_gets_its_count_back(threads):
+    threads(2)
+    seen = {}
+
+    def run(worker: int, start: int, stop: int) -> None:
+        with parallel.single_threaded_blas():  # nested: leaves the count to the outermost
+            pass
+        seen[worker] = (start, stop, blas_threads())
+    parallel.for_each_block(run, 3)
+    assert sorted(seen.values()) == [(0, 1, {1}), (1, 3, {1})]
+    assert blas_threads() == {2}
+    seen.clear()
+    threads(1)
+    parallel.for_each_block(run, 3)
+    assert list(seen.values()) == [(0, 3, {1})]
 
 
 # -- one thread configuration, however numpy and engine are imported --------------------------

@@ -296,8 +296,8 @@ def test_forward_in_batch_blocks_matches_naive_loop(small_blocks, shape, params,
     x = random_blob((5, *shape[1:]))
     layer, top = conv(params, [x])
     g = layer.geom
-    small_blocks(images_per_block * kernels._column_bytes(x.data.reshape(5, *shape[1:]), g))
-    assert len(kernels.conv_blocks(5, kernels._column_bytes(x.data, g))) > 1
+    small_blocks(images_per_block * kernels.column_bytes(x.data.reshape(5, *shape[1:]), g))
+    assert len(kernels.conv_blocks(5, kernels.column_bytes(x.data, g))) > 1
     layer.forward([x], top)
     bias = layer.blobs[1].data if len(layer.blobs) > 1 else None
     expected = naive_conv(x.data, layer.blobs[0].data, bias, g.stride, g.pad, g.dilation,
@@ -309,7 +309,7 @@ def test_forward_in_batch_blocks_matches_naive_loop(small_blocks, shape, params,
 def test_gradient_in_batch_blocks(small_blocks, shape, params):
     x = random_blob((3, *shape[1:]))
     layer, top = conv(params, [x])
-    small_blocks(2 * kernels._column_bytes(x.data, layer.geom))  # blocks of 1 and 2 images
+    small_blocks(2 * kernels.column_bytes(x.data, layer.geom))  # blocks of 1 and 2 images
     assert check_gradient(layer, [x], top) > 0
 
 

@@ -399,27 +399,30 @@ def _conv_backward_block(dy: np.ndarray, x: np.ndarray, weight: np.ndarray,
         conv_backward_data(dy, weight, geom, ws, dx)
 
 
-# A weight gradient with a small output and a long inner dimension (N*P at least half of
-# O/G * K) is summed from per-block products that Moka's threads compute side by side, each GEMM
-# on one BLAS thread: OpenBLAS's threads meet once per inner block of a GEMM, so a small output
-# over a long inner dimension ran up to ~3x slower on two BLAS threads than on one (and 10-100x
-# slower when another process held a core). A block is one sample (its dy is the (O, P) matrix
-# as it is) when P >= DW_SAMPLE_INNER, else enough samples (dy copied transposed per block) for
-# an inner dimension of DW_BLOCK_INNER. Wall ms on two threads, interleaved medians, one GEMM vs
-# blocks: LeNet conv1 1.61 vs 0.59, CIFAR10-quick conv1 10.1 vs 5.9 (7.2 vs 5.5 quieter; its
-# 25-image block 1.9 vs 1.4), AlexNet conv1 11.3 vs 10.1; CIFAR10-quick conv2 (P=256) level,
-# blocks of 1/2/4/8 samples 22.2/23.8/21.1/21.0 under load. With a larger output (LeNet conv2,
-# CIFAR10-quick conv3, AlexNet conv2-5) the one GEMM was level or ahead on a quiet machine.
+# A weight gradient whose output is small against its inner dimension (O/G * K at most
+# DW_OUTPUT_RATIO * N*P) is summed from per-block products that Moka's threads compute side by
+# side, each GEMM on one BLAS thread: OpenBLAS's threads meet once per inner block of a GEMM, so
+# a small output over a long inner dimension ran up to ~3x slower on two BLAS threads than on
+# one, and 10-80x slower while another process held a core. A block is one sample (its dy is
+# the (O, P) matrix as it is) when P >= DW_SAMPLE_INNER, else consecutive samples (dy copied
+# transposed per block) with an inner dimension of about DW_BLOCK_INNER. Wall ms on two
+# threads, interleaved medians, one GEMM vs blocks: LeNet conv1 1.61 vs 0.59, CIFAR10-quick
+# conv1 7.2 vs 5.5 (a 25-image block 1.9 vs 1.4), AlexNet conv1 11.3 vs 10.1; quiet machine,
+# one GEMM vs 16-sample blocks: LeNet conv2 1.43 vs 1.32, CIFAR10-quick conv2 10.7 vs 10.4,
+# conv3 3.4 vs 3.7 (under load 80 vs 2.3, 460 vs 22, 120 vs 7). AlexNet conv2-5 (outputs
+# 20-500x their N*P) keep the one GEMM.
+DW_OUTPUT_RATIO = 8
 DW_SAMPLE_INNER = 512
-DW_BLOCK_INNER = 2048
+DW_BLOCK_INNER = 1024
 
 
-def _dw_block(n: int, p: int, out_size: int) -> int:
-    """Samples per block of the weight gradient's product, or 0 for one GEMM over the batch."""
-    per_block = 1 if p >= DW_SAMPLE_INNER else -(-DW_BLOCK_INNER // p)
-    if 2 * n * p < out_size or n < 2 * per_block:
+def _dw_blocks(n: int, p: int, out_size: int) -> int:
+    """How many blocks of samples the weight gradient is summed from (``n``: one sample each),
+    or 0 for one GEMM over the batch."""
+    if out_size > DW_OUTPUT_RATIO * n * p:
         return 0
-    return per_block
+    count = n if p >= DW_SAMPLE_INNER else min(n, n * p // DW_BLOCK_INNER)
+    return count if count >= 2 else 0
 
 
 def conv_backward_params(dy: np.ndarray, matrix: np.ndarray, geom: ConvGeometry,
@@ -429,9 +432,9 @@ def conv_backward_params(dy: np.ndarray, matrix: np.ndarray, geom: ConvGeometry,
     matrices of the forward input; either diff may be None (not wanted)."""
     n, o, p = dy.shape[0], dy.shape[1], math.prod(dy.shape[2:])
     group, og = geom.group, o // geom.group
-    per_block = _dw_block(n, p, og * matrix.shape[2])
-    if per_block:
-        dw, db = _params_by_blocks(dy.reshape(n, o, p), matrix, group, per_block, ws,
+    count = _dw_blocks(n, p, og * matrix.shape[2])
+    if count:
+        dw, db = _params_by_blocks(dy.reshape(n, o, p), matrix, group, count, ws,
                                    weight_diff is not None, bias_diff is not None)
     else:
         dw, db = _params_one_gemm(dy.reshape(n, o, p), matrix, group, ws,
@@ -460,20 +463,22 @@ def _params_one_gemm(dy: np.ndarray, matrix: np.ndarray, group: int, ws: Workspa
     return dw, db
 
 
-def _params_by_blocks(dy: np.ndarray, matrix: np.ndarray, group: int, per_block: int,
+def _params_by_blocks(dy: np.ndarray, matrix: np.ndarray, group: int, count: int,
                       ws: Workspace, weights: bool,
                       bias: bool) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """``_params_one_gemm``'s gradients as sums of per-block products over blocks of
-    ``per_block`` samples, blocks in order: the same for every thread count."""
+    """``_params_one_gemm``'s gradients as sums of the products over ``count`` blocks of
+    consecutive samples (lengths within one of each other), in block order: the same for every
+    thread count."""
     n, o, p = dy.shape
     og, k = o // group, matrix.shape[2]
-    count = -(-n // per_block)
+    bounds = [n * j // count for j in range(count + 1)]
+    longest = -(-n // count)
     parts = ws.get("dw_parts", (count, o, k), dy.dtype)
     bias_parts = ws.get("db_parts", (count, o), dy.dtype)
-    ones = ws.get("ones_block", (per_block * p,), dy.dtype, fill=1)
+    ones = ws.get("ones_block", (longest * p,), dy.dtype, fill=1)
     columns = matrix.reshape(group, n, p, k)  # a view for both layouts
-    scratch = [ws.get(f"dy_block{w}", (o * per_block * p,), dy.dtype)
-               for w in range(num_threads())] if per_block > 1 else []
+    scratch = [ws.get(f"dy_block{w}", (o * longest * p,), dy.dtype)
+               for w in range(num_threads())] if count < n else []
 
     def products(rows: np.ndarray, first: int, last: int, out: slice | int) -> None:
         """Block products of ``rows`` (..., O, L) and samples first..last-1 into ``out``."""
@@ -487,17 +492,17 @@ def _params_by_blocks(dy: np.ndarray, matrix: np.ndarray, group: int, per_block:
             np.matmul(rows, ones[:rows.shape[-1]], out=bias_parts[out])
 
     def work(worker: int, start: int, stop: int) -> None:
-        if per_block == 1:  # dy's samples are the blocks' (O, P) matrices as they are
+        if count == n:  # dy's samples are the blocks' (O, P) matrices as they are
             products(dy[start:stop], start, stop, slice(start, stop))
             return
         for j in range(start, stop):
-            first, last = j * per_block, min(n, (j + 1) * per_block)
+            first, last = bounds[j], bounds[j + 1]
             rows = scratch[worker][:o * (last - first) * p].reshape(o, last - first, p)
             np.copyto(rows.transpose(1, 0, 2), dy[first:last])
             products(rows.reshape(o, -1), first, last, j)
 
     with single_threaded_blas():
-        for_batch_blocks(work, count, per_block * p * (o + k))
+        for_batch_blocks(work, count, n * p * (o + k) // count)
     return (parts.sum(axis=0) if weights else None,
             bias_parts.sum(axis=0) if bias else None)
 

@@ -146,11 +146,10 @@ def test_conv_kernels_agree_with_im2col_gemm(shape, o, geom):
 
 
 @pytest.mark.parametrize(("shape", "o", "geom"), CONV[:3])
-@pytest.mark.parametrize("per_block", [1, 3])
+@pytest.mark.parametrize("count", [7, 3])
 @pytest.mark.parametrize("wanted", ["both", "weights", "bias"])
-def test_weight_gradient_blocks_sum_to_the_one_gemm(monkeypatch, shape, o, geom, per_block,
-                                                    wanted):
-    """Per-sample and 3-sample blocks (a short last one) give the one GEMM's gradients."""
+def test_weight_gradient_blocks_sum_to_the_one_gemm(monkeypatch, shape, o, geom, count, wanted):
+    """Per-sample blocks and 3 blocks of 2-3 samples give the one GEMM's gradients."""
     rng = np.random.default_rng(2)
     x = rng.standard_normal((7, *shape[1:]))
     w = rng.standard_normal((o, shape[1] // geom.group, *geom.kernel))
@@ -158,15 +157,16 @@ def test_weight_gradient_blocks_sum_to_the_one_gemm(monkeypatch, shape, o, geom,
     matrix = conv_forward(x, w, None, geom, Workspace(), y)
     dy = rng.standard_normal(y.shape)
     p = y[0, 0].size
+    monkeypatch.setattr(kernels, "DW_SAMPLE_INNER", p + 1)
+    monkeypatch.setattr(kernels, "DW_BLOCK_INNER", 7 * p // count)
     results = []
-    for blocks in (False, True):
-        monkeypatch.setattr(kernels, "DW_SAMPLE_INNER", p if blocks and per_block == 1 else p + 1)
-        monkeypatch.setattr(kernels, "DW_BLOCK_INNER", per_block * p if blocks else 10**9)
+    for ratio in (0, 10**9):  # one GEMM, then blocks
+        monkeypatch.setattr(kernels, "DW_OUTPUT_RATIO", ratio)
+        assert kernels._dw_blocks(7, p, matrix.shape[2] * o // geom.group) == count * (ratio > 0)
         dw = np.zeros_like(w) if wanted != "bias" else None
         db = np.zeros(o) if wanted != "weights" else None
         conv_backward_params(dy, matrix, geom, Workspace(), dw, db)
         results.append((dw, db))
-        assert kernels._dw_block(7, p, matrix.shape[2] * o // geom.group) == blocks * per_block
     for one, blocked in zip(*results, strict=True):
         if one is not None:
             np.testing.assert_allclose(blocked, one, rtol=1e-12, atol=1e-12)

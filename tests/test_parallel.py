@@ -128,7 +128,7 @@ LAYERS = [
 def test_results_do_not_depend_on_the_thread_count(threads, monkeypatch, text):
     monkeypatch.setattr(pooling_module, "POOL_BLOCK_WORK", 200)  # several blocks per thread
     monkeypatch.setattr(kernels, "CONV_BLOCK_BYTES", 20000)  # convolution over batch blocks
-    monkeypatch.setattr(kernels, "DW_BLOCK_INNER", 250)  # weight gradient from 3-sample blocks
+    monkeypatch.setattr(kernels, "DW_BLOCK_INNER", 250)  # weight gradient from blocks of 2-3
     monkeypatch.setattr(normalization, "LRN_BLOCK_WORK", 600)
     # integers in the input make ties, so the max pool's first-maximum rule is exercised too
     rng = np.random.default_rng(0)

@@ -24,7 +24,11 @@ class DivergenceError(SolverError):
 
 
 def finite(values: np.ndarray) -> bool:
-    return bool(np.isfinite(values).all())
+    """Whether every value is finite: first a dot product with itself (one vectorised pass, no
+    temporary; NaN and Inf carry through a sum), and only when that is not finite, which an
+    overflow of finite squares can also cause, value by value."""
+    flat = values.reshape(-1)
+    return bool(np.isfinite(np.dot(flat, flat))) or bool(np.isfinite(values).all())
 
 
 def gradients_finite(net) -> bool:

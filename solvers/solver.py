@@ -30,6 +30,7 @@ from engine import caffe_pb2, debug_info
 from engine.errors import SolverError
 from engine.layer import TEST, TRAIN
 from engine.net import Net
+from engine.parallel import single_threaded_blas
 from engine.python_layer import python_layers_allowed
 from engine.upgrade import upgrade_snapshot_prefix
 from solvers import divergence
@@ -127,6 +128,7 @@ class Solver:
         self._early_exit = False
         self.progress = None  # an object with update(solver), e.g. engine.progress.Progress
         self._chunks: tuple | None = None  # see _update_chunks
+        self._update_finite = False  # the last update's params are known to be finite
         self._scratch: np.ndarray | None = None  # the decay term of an update chunk
         # MPI data parallelism (engine.distributed.DataParallel.attach): reduces the gradients
         # over the ranks; only its rank 0 tests and snapshots
@@ -329,7 +331,7 @@ class Solver:
                 if on_ready:
                     on_ready()
             self.apply_update()
-            if not divergence.params_finite(self.net):
+            if not (self._update_finite or divergence.params_finite(self.net)):
                 self._diverged(divergence.update_culprit(
                     self.net, debug_info.learnable_owners(self.net)), loss)
             self.iter += 1
@@ -432,8 +434,9 @@ class Solver:
         show = self.net.debug_info
         local_rates = [float(self.dtype.type(rate * lr)) for lr in self.net.params_lr]
         chunks = None if show or not self._elementwise() else self._update_chunks()
+        self._update_finite = False  # not known
         if chunks is not None:
-            self._update_in_chunks(chunks, local_rates)
+            self._update_finite = self._update_in_chunks(chunks, local_rates)
             return
         for i, blob in enumerate(self.net.learnable_params):
             if self.param.iter_size > 1:
@@ -467,9 +470,10 @@ class Solver:
         self._chunks = (key, chunks, arrays)  # the arrays: their ids stay theirs while kept
         return chunks
 
-    def _update_in_chunks(self, chunks: list[tuple], local_rates: list[float]) -> None:
+    def _update_in_chunks(self, chunks: list[tuple], local_rates: list[float]) -> bool:
         """``apply_update``'s per-param steps, each element's in the same order and arithmetic,
-        chunk by chunk (see ``UPDATE_CHUNK``)."""
+        chunk by chunk (see ``UPDATE_CHUNK``). Returns True if the new values are all finite
+        (False: not sure; ``divergence.finite``'s first test, on each chunk while cached)."""
         p = self.param
         decays = [p.weight_decay * mult for mult in self.net.params_weight_decay]
         l2 = p.regularization_type == "L2"
@@ -477,17 +481,21 @@ class Solver:
         if self._scratch is None or self._scratch.shape != (UPDATE_CHUNK,) or \
                 self._scratch.dtype != self.dtype:
             self._scratch = np.empty(UPDATE_CHUNK, self.dtype)
-        for i, data, diff, state in chunks:
-            if scale is not None:
-                diff *= scale
-            if decays[i]:
-                term = self._scratch[:data.size]
-                np.multiply(data if l2 else np.sign(data, out=term), decays[i], out=term)
-                diff += term
-            step = self.update_elements(diff, state, local_rates[i])
-            if step is not diff:
-                np.copyto(diff, step)  # Caffe leaves the applied step in the diff
-            data -= diff
+        squares = 0.0
+        with single_threaded_blas():  # each chunk's dot product: too small to share
+            for i, data, diff, state in chunks:
+                if scale is not None:
+                    diff *= scale
+                if decays[i]:
+                    term = self._scratch[:data.size]
+                    np.multiply(data if l2 else np.sign(data, out=term), decays[i], out=term)
+                    diff += term
+                step = self.update_elements(diff, state, local_rates[i])
+                if step is not diff:
+                    np.copyto(diff, step)  # Caffe leaves the applied step in the diff
+                data -= diff
+                squares += float(np.dot(data, data))
+        return math.isfinite(squares)
 
     def clip_gradients(self) -> None:
         """Scale every diff by clip/norm when the global L2 norm exceeds ``clip_gradients``."""

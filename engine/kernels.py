@@ -253,24 +253,33 @@ def _channels_last(matrix: np.ndarray) -> bool:
 
 
 def conv_forward(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None,
-                 geom: ConvGeometry, ws: Workspace, out: np.ndarray) -> np.ndarray:
+                 geom: ConvGeometry, ws: Workspace, out: np.ndarray,
+                 w: np.ndarray | None = None) -> np.ndarray:
     """``out`` (N, O, *out) = convolution of ``x`` (N, C, *spatial); one GEMM per group over the
-    whole batch. Returns the column matrices (kept in ``ws``) for ``conv_backward_params``."""
+    whole batch. Returns the column matrices (kept in ``ws``) for ``conv_backward_params``.
+    ``w``: ``weight_matrix(weight, geom.group)``, if already built."""
     matrix = conv_columns(x, geom, ws)
-    w = weight_matrix(weight, geom.group)
+    w = weight_matrix(weight, geom.group) if w is None else w
     n, o, og = x.shape[0], weight.shape[0], weight.shape[0] // geom.group
     m = matrix.shape[1]
-    # Each orientation is the one OpenBLAS runs fastest on that column layout.
-    if _channels_last(matrix):
-        y = ws.get("y", (m, o), x.dtype)
+    if not _channels_last(matrix):
+        # Channel-first columns: per-sample GEMMs (one stacked matmul) write each sample's
+        # (O, P) straight into ``out``, no (O, N*P) product to transpose and no buffer for it
+        # (single-thread CPU ms, same values: CIFAR10-quick conv1 25-image block 3.5 -> 3.0,
+        # LeNet conv1 1.7 -> 1.2). Channel-last columns lost that way (conv2 2.4 -> 3.1).
+        out3 = out.reshape(n, o, -1)
         for g in range(geom.group):
-            np.matmul(matrix[g], w[g].T, out=y[:, g * og:(g + 1) * og])
-        y = y.reshape(n, -1, o).transpose(0, 2, 1)
-    else:
-        y = ws.get("y", (o, m), x.dtype)
-        for g in range(geom.group):
-            np.matmul(w[g], matrix[g].T, out=y[g * og:(g + 1) * og])
-        y = y.reshape(o, n, -1).transpose(1, 0, 2)
+            columns = matrix[g].T.reshape(-1, n, m // n).transpose(1, 0, 2)  # (N, K, P)
+            np.matmul(w[g], columns, out=out3[:, g * og:(g + 1) * og])
+        if bias is not None:
+            column = bias[:, None]
+            for_batch_chunks(lambda a, b: np.add(out3[a:b], column, out=out3[a:b]), n,
+                             out3[0].size)
+        return matrix
+    y = ws.get("y", (m, o), x.dtype)  # the orientation OpenBLAS runs fastest on this layout
+    for g in range(geom.group):
+        np.matmul(matrix[g], w[g].T, out=y[:, g * og:(g + 1) * og])
+    y = y.reshape(n, -1, o).transpose(0, 2, 1)
     out = out.reshape(y.shape)
     if bias is None:
         batch_copyto(out, y)
@@ -324,10 +333,12 @@ def conv_forward_blocked(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | N
         work.kept = conv_forward(x, weight, bias, geom, work, out)
         return 1
 
+    w = weight_matrix(weight, geom.group)  # a copy of the weight: once, not per block
+
     def run(lane: int, first: int, stop: int) -> None:
         for start, end in blocks[first:stop]:
             conv_forward(x[start:end], weight, bias, geom, ws.lane(lane).child(end - start),
-                         out[start:end])
+                         out[start:end], w)
     for_each_block(run, len(blocks))
     return len(blocks)
 
@@ -354,6 +365,7 @@ def conv_backward_blocked(dy: np.ndarray, x: np.ndarray, weight: np.ndarray,
         kept = work.kept if columns_kept else None
         _conv_backward_block(dy, x, weight, geom, work, weight_diff, bias_diff, dx, kept)
         return
+    w_rows = None if dx is None else data_weight_rows(weight, geom)  # once, not per block
     lanes = min(num_threads(), len(blocks))
     order = threading.Condition()
     added = [0]  # blocks whose parameter gradients are in weight_diff and bias_diff
@@ -374,7 +386,7 @@ def conv_backward_blocked(dy: np.ndarray, x: np.ndarray, weight: np.ndarray,
                     d.fill(0)
             _conv_backward_block(dy[start:end], x[start:end], weight, geom,
                                  work.child(end - start), *diffs,
-                                 None if dx is None else dx[start:end], None)
+                                 None if dx is None else dx[start:end], None, w_rows)
             with order:
                 order.wait_for(lambda i=i: added[0] == i)
                 for total, part in zip((weight_diff, bias_diff), diffs, strict=True):
@@ -388,15 +400,16 @@ def conv_backward_blocked(dy: np.ndarray, x: np.ndarray, weight: np.ndarray,
 def _conv_backward_block(dy: np.ndarray, x: np.ndarray, weight: np.ndarray,
                          geom: ConvGeometry, ws: Workspace, weight_diff: np.ndarray | None,
                          bias_diff: np.ndarray | None, dx: np.ndarray | None,
-                         matrix: np.ndarray | None) -> None:
-    """One block's backward; ``matrix``: its forward's columns, if kept (else built here)."""
+                         matrix: np.ndarray | None, w_rows: np.ndarray | None = None) -> None:
+    """One block's backward; ``matrix``: its forward's columns, if kept (else built here);
+    ``w_rows``: ``data_weight_rows``, if built."""
     if weight_diff is not None:
         matrix = matrix if matrix is not None else conv_columns(x, geom, ws)
         conv_backward_params(dy, matrix, geom, ws, weight_diff, bias_diff)
     elif bias_diff is not None:
         bias_diff += dy.sum(axis=(0, *range(2, dy.ndim)))
     if dx is not None:
-        conv_backward_data(dy, weight, geom, ws, dx)
+        conv_backward_data(dy, weight, geom, ws, dx, w_rows)
 
 
 # A weight gradient whose output is small against its inner dimension (O/G * K at most
@@ -527,8 +540,20 @@ def _dy_rows(dy: np.ndarray, geom: ConvGeometry, ws: Workspace, width: int) -> n
     return rows.reshape(geom.group, -1, k * og)
 
 
+def data_weight_rows(weight: np.ndarray, geom: ConvGeometry) -> np.ndarray:
+    """The weights as ``conv_backward_data`` multiplies them, (G, kernel[-1] * O/G,
+    prod(kernel[:-1]) * C/G): ``[g][(j', o), (t, c)] = weight[o, c, *offset_t, k-1-j']`` (the
+    last kernel axis flipped). A strided gather of the whole weight (AlexNet's conv3: ~10 ms),
+    so blocked callers build it once per backward."""
+    o, cg, k, group = weight.shape[0], weight.shape[1], geom.kernel, geom.group
+    w = np.moveaxis(weight.reshape(group, o // group, cg, *k)[..., ::-1], (1, 2), (-2, -1))
+    taps = math.prod(k[:-1])
+    return np.moveaxis(w.reshape(group, taps, k[-1] * (o // group), cg), 1, 2).reshape(
+        group, -1, taps * cg)
+
+
 def conv_backward_data(dy: np.ndarray, weight: np.ndarray, geom: ConvGeometry, ws: Workspace,
-                       dx: np.ndarray) -> None:
+                       dx: np.ndarray, w_rows: np.ndarray | None = None) -> None:
     """Write ``dx`` (N, C, *spatial), the input gradient given ``dy`` (N, O, *out).
 
     A transposed convolution. Along the last spatial axis ``dy`` is zero-stuffed by the stride
@@ -537,17 +562,15 @@ def conv_backward_data(dy: np.ndarray, weight: np.ndarray, geom: ConvGeometry, w
     add. This does ``prod(kernel[:-1])`` adds where col2im does ``prod(kernel)``, and never holds
     the column gradient (measured 1.7-2x faster than a GEMM and an add per kernel offset; one
     GEMM for all offsets rather than one per offset: 1.3x faster on CIFAR's conv2).
+    ``w_rows``: ``data_weight_rows(weight, geom)``, if already built.
     """
-    n, o, out = dy.shape[0], dy.shape[1], dy.shape[2:]
+    n, out = dy.shape[0], dy.shape[2:]
     c, spatial = dx.shape[1], dx.shape[2:]
     k, s, p, d = geom.kernel, geom.stride, geom.pad, geom.dilation
-    group, og, cg = geom.group, o // geom.group, c // geom.group
+    group, cg = geom.group, c // geom.group
     rows = _dy_rows(dy, geom, ws, spatial[-1])
-    # w_rows[g][(j', o), (t, c)] = weight[o, c, *offset_t, k-1-j'] (flipped last kernel axis)
-    w = np.moveaxis(weight.reshape(group, og, cg, *k)[..., ::-1], (1, 2), (-2, -1))
+    w_rows = data_weight_rows(weight, geom) if w_rows is None else w_rows
     taps = math.prod(k[:-1])
-    w_rows = np.moveaxis(w.reshape(group, taps, k[-1] * og, cg), 1, 2).reshape(group, -1,
-                                                                               taps * cg)
     lead_padded = tuple(ni + 2 * pi for ni, pi in zip(spatial[:-1], p[:-1], strict=True))
     dxp = ws.get("dx_padded", (n, *lead_padded, spatial[-1], c), dy.dtype)
     batch_fill(dxp, 0)

@@ -293,12 +293,16 @@ def conv_forward(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None,
 # they stay in cache between the im2col copy and the GEMMs that read them (CIFAR10-quick's conv2
 # builds 82 MB of columns over a batch of 100), and the blocks run side by side, one per thread,
 # each with a one-thread BLAS (parallel.for_each_block), in training too: backward builds a
-# block's columns again. Two threads, interleaved fresh processes, median of 5 (a loaded 2 vCPU
-# Xeon, 2 MB L2 per core), CIFAR10-quick b100 training iteration and peak RSS: 2 MB blocks
-# 138 ms / 138 MB, 4 MB 106 / 151, 8 MB 94-96 / 176, 12 MB 93 / 202, 16 MB 96 / 214, against
-# 100-105 ms / 365 MB for the whole batch's columns kept for backward with two-thread BLAS
-# GEMMs. (Single-thread CPU ms of conv2 forward / weight gradient / input gradient, whole batch
-# vs 8 MB blocks: 35 / 31 / 24 vs 20 / 22 / 17.)
+# block's columns again. Each thread lane has its own buffers, so peak memory grows with the
+# block. Two threads, interleaved fresh processes (a loaded 2 vCPU Xeon, 2 MB L2 per core),
+# training iteration median ms / peak RSS MB:
+#   CIFAR10-quick b100: 2 MB blocks 138 / 138, 4 MB 106-122 / 145, 6 MB 117-121 / 153,
+#     8 MB 94-120 / 163, 12 MB 93 / 202, 16 MB 96 / 214; the whole batch's columns kept for
+#     backward with two-thread BLAS GEMMs (before) 100-122 / 356-365 in the same runs;
+#     one thread: 4 / 6 / 8 MB 178 / 171 / 169 ms, before 213 ms.
+#   AlexNet b10 fwd+bwd: 6 MB 614 / 767, 8 MB 569 / 771 (its conv3-5 have large weights and
+#     small images: more blocks cost weight-sized passes); before 555 / 1047.
+#   LeNet b64 (one block per layer at 8 MB, columns kept): 6 MB 22.9 / 112, 8 MB 25.0 / 119.
 CONV_BLOCK_BYTES = 8 << 20
 
 

@@ -37,7 +37,7 @@ class Convolution(Layer):
     channel (``group == channels == num_output``: depthwise) a direct kernel instead
     (engine/depthwise_kernels.py). Backward builds each block's columns again rather than
     keeping the batch's, in training too: on two threads, interleaved, CIFAR10-quick's training
-    iteration took 94-97 ms at 175 MB peak RSS this way against 99-104 ms at 365 MB with the
+    iteration took 94-120 ms at 163 MB peak RSS this way against 100-122 ms at 356-365 MB with the
     whole batch's columns kept for backward. A batch that is one block (LeNet's layers) keeps
     its forward's columns for backward when the net runs backward (``share_workspace``), and
     they are reused when the bottom array is the same object (the Net never rewrites a bottom

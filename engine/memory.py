@@ -34,11 +34,12 @@ What a net holds, and the rule for each kind:
   ``columns`` private (at most ~8 MB per layer); every other convolution shares them, each
   thread lane in buffers of its own (``columns``, ``columns@1``...: ``Workspace.lane``), and a
   kept result whose shared buffer another layer took since is not reused
-  (``_SharedView.kept``). LRN keeps its scale and factor (two
-  top-sized arrays) only under the same rule. Pooling's max positions (argmax, int32 or int16,
-  the top's size), Dropout's mask and BatchNorm's statistics stay with their layer: a fraction
-  of the layer's top, written only by that layer's forward. The in-place planner's stand-ins
-  (engine/in_place.py) exist only for layers whose backward reads an overwritten value.
+  (``_SharedView.kept``). LRN keeps its scale (a top-sized array; backward computes
+  scale^-beta again, as Caffe does) only under the same rule. Pooling's max positions (argmax,
+  int32 or int16, the top's size), Dropout's mask and BatchNorm's statistics stay with their
+  layer: a fraction of the layer's top, written only by that layer's forward. The in-place
+  planner's stand-ins (engine/in_place.py) exist only for layers whose backward reads an
+  overwritten value.
 - **Fillers** draw large blobs chunk by chunk into their float32 arrays (engine/fillers.py,
   ``fill_into``), and InnerProduct adds its weight gradient by row blocks, so neither makes a
   temporary the size of AlexNet's fc6 weights (151 MB; 302 MB in float64).

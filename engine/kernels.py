@@ -373,31 +373,44 @@ def conv_backward_blocked(dy: np.ndarray, x: np.ndarray, weight: np.ndarray,
     lanes = min(num_threads(), len(blocks))
     order = threading.Condition()
     added = [0]  # blocks whose parameter gradients are in weight_diff and bias_diff
+    failed = [False]  # a block raised: the others stop instead of waiting for its turn
 
     def run(_worker: int, first: int, stop: int) -> None:
         for i in range(len(blocks)):
             if not first <= i % lanes < stop:
                 continue
-            start, end = blocks[i]
-            work = ws.lane(i % lanes)
-            with order:
-                own = added[0] == i  # its turn already: add straight in
-            diffs = (weight_diff, bias_diff) if own else tuple(
-                None if d is None else work.get(name, d.shape, d.dtype)
-                for name, d in (("weight_diff", weight_diff), ("bias_diff", bias_diff)))
-            for d in diffs if not own else ():
-                if d is not None:
-                    d.fill(0)
-            _conv_backward_block(dy[start:end], x[start:end], weight, geom,
-                                 work.child(end - start), *diffs,
-                                 None if dx is None else dx[start:end], None, w_rows)
-            with order:
-                order.wait_for(lambda i=i: added[0] == i)
-                for total, part in zip((weight_diff, bias_diff), diffs, strict=True):
-                    if part is not None and not own:
-                        total += part
-                added[0] += 1
-                order.notify_all()
+            try:
+                step(i)
+            except BaseException:
+                with order:
+                    failed[0] = True
+                    order.notify_all()
+                raise
+            if failed[0]:
+                return
+
+    def step(i: int) -> None:
+        start, end = blocks[i]
+        work = ws.lane(i % lanes)
+        with order:
+            own = added[0] == i  # its turn already: add straight in
+        diffs = (weight_diff, bias_diff) if own else tuple(
+            None if d is None else work.get(name, d.shape, d.dtype)
+            for name, d in (("weight_diff", weight_diff), ("bias_diff", bias_diff)))
+        for d in diffs if not own else ():
+            if d is not None:
+                d.fill(0)
+        _conv_backward_block(dy[start:end], x[start:end], weight, geom, work.child(end - start),
+                             *diffs, None if dx is None else dx[start:end], None, w_rows)
+        with order:
+            order.wait_for(lambda: added[0] == i or failed[0])
+            if failed[0]:
+                return
+            for total, part in zip((weight_diff, bias_diff), diffs, strict=True):
+                if part is not None and not own:
+                    total += part
+            added[0] += 1
+            order.notify_all()
     for_each_block(run, lanes)
 
 

@@ -333,3 +333,28 @@ def test_backward_reuses_the_columns_of_a_one_block_forward(monkeypatch, block_b
     fresh_top[0].diff[...] = 1
     fresh.backward(fresh_top, [True], [x])  # no forward: its columns are built
     np.testing.assert_allclose(layer.blobs[0].diff, fresh.blobs[0].diff, rtol=1e-12)
+
+
+def test_a_failing_block_in_backward_reaches_the_caller(small_blocks, monkeypatch):
+    from engine import parallel
+
+    x = random_blob((6, 2, 5, 5))
+    layer, top = conv("num_output: 2 kernel_size: 3", [x])
+    small_blocks(kernels.column_bytes(x.data, layer.geom))  # one image a block
+    monkeypatch.setattr(parallel, "MIN_THREAD_WORK", 1)
+    previous = parallel.set_num_threads(2)
+    original, calls = kernels.conv_backward_data, []
+
+    def fails_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("block failed")
+        return original(*args, **kwargs)
+    monkeypatch.setattr(kernels, "conv_backward_data", fails_once)
+    try:
+        layer.forward([x], top)
+        top[0].diff[...] = 1
+        with pytest.raises(RuntimeError, match="block failed"):
+            layer.backward(top, [True], [x])
+    finally:
+        parallel.set_num_threads(previous)

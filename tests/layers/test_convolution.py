@@ -272,8 +272,9 @@ def test_bottom_shape_errors():
 
 # -- batch blocks (kernels.conv_forward_blocked / conv_backward_blocked) -----------------------
 @pytest.mark.parametrize(("n", "item", "budget", "expected"), [
-    (5, 10, 20, [(0, 1), (1, 3), (3, 5)]), (4, 10, 1000, [(0, 4)]), (3, 10, 1, [(0, 1), (1, 2),
-                                                                                (2, 3)]),
+    (5, 10, 20, [(0, 1), (1, 2), (2, 3), (3, 5)]), (4, 10, 1000, [(0, 4)]),
+    (3, 10, 1, [(0, 1), (1, 2), (2, 3)]), (100, 204800, 8 << 20, [(0, 25), (25, 50), (50, 75),
+                                                                   (75, 100)]),
     (100, 819200, 8 << 20, [(10 * i, 10 * i + 10) for i in range(10)])])
 def test_conv_blocks_cover_the_batch(n, item, budget, expected):
     assert kernels.conv_blocks(n, item, budget) == expected

@@ -319,3 +319,16 @@ def test_recycled_forward_is_bit_identical_on_fork_nets(tmp_path, make):
     for _ in range(2):
         for name, value in net.forward(**inputs).items():
             assert np.array_equal(value, plain[name]), name
+
+
+def test_importing_engine_and_solvers_loads_no_hdf5_library():
+    """h5py (~13 MB resident) loads only when an HDF5 file is read or written."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    code = "import sys, engine, solvers; print('h5py' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=repo, env={"PYTHONPATH": str(repo), "PATH": "/usr/bin:/bin"},
+                          check=True)
+    assert done.stdout.strip() == "False"

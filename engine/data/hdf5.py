@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import TYPE_CHECKING
 
-import h5py
 import numpy as np
 
 from engine.errors import DataError
+
+if TYPE_CHECKING:
+    import h5py
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +54,8 @@ def read_file_list(source: str, where: str = "HDF5Data") -> list[str]:
 def load_hdf5(path: str, names: list[str], dtype: np.dtype, where: str = "HDF5Data"
               ) -> list[np.ndarray]:
     """The datasets ``names`` of one file as arrays of ``dtype`` with a common row count."""
+    import h5py  # here, not at import: h5py adds ~13 MB to every process that reads no HDF5
+
     try:
         f = h5py.File(path, "r")
     except OSError as exc:
@@ -71,6 +76,8 @@ def load_hdf5(path: str, names: list[str], dtype: np.dtype, where: str = "HDF5Da
 
 
 def _load_dataset(f: h5py.File, path: str, name: str, dtype: np.dtype, where: str) -> np.ndarray:
+    import h5py
+
     dataset = f.get(name)
     if not isinstance(dataset, h5py.Dataset):
         found = ", ".join(sorted(f.keys())) or "none"

@@ -67,6 +67,7 @@ class DenseImageData(ImageData):
 
     n_top = (2, 2)
     shareable = False  # its own forward reads every line: no split between MPI ranks
+    items = "pairs"
 
     def setup(self, bottom: list[Blob], top: list[Blob]) -> None:
         p = self.param.dense_image_data_param
@@ -103,20 +104,6 @@ class DenseImageData(ImageData):
         if self.divide > 1 and (self.crop[0] or not self.new_height):
             raise self.error("label_divide_factor needs new_height/new_width (the label is "
                              "resized to them divided by the factor) and no crop")
-
-    def _start(self, rand_skip: int) -> None:
-        self.order = np.arange(len(self.lines))
-        if self.shuffle:
-            log.info("%s: Shuffling data", self.where)
-            self.order = self.rng.permutation(len(self.lines))
-        log.info("%s: A total of %d examples.", self.where, len(self.lines))
-        self.cursor, self.epoch = 0, 0
-        if rand_skip:
-            skip = int(self.rng.integers(0, rand_skip))
-            if skip >= len(self.lines):
-                raise self.error(f"rand_skip drew {skip} but the list has only "
-                                 f"{len(self.lines)} pairs; use a smaller rand_skip")
-            self.cursor = skip
 
     def _read(self, path: str, line: int, color: bool) -> np.ndarray:
         full = self.root + path
@@ -182,12 +169,3 @@ class DenseImageData(ImageData):
                             f"the first unless new_height/new_width or a crop is set")
         self.transformer.transform(images, top[0].data, self.rng)
         top[1].data[...] = np.stack(labels)
-
-    def _advance(self) -> None:
-        self.cursor += 1
-        if self.cursor >= len(self.lines):
-            log.info("%s: Restarting data prefetching from start.", self.where)
-            self.cursor = 0
-            self.epoch += 1
-            if self.shuffle:
-                self.order = self.rng.permutation(len(self.lines))

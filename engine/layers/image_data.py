@@ -104,6 +104,7 @@ class ImageData(DataLayer):
     n_top = (1, 2)
     shareable = True
     prefetch: Prefetcher | None = None  # set in setup (subclasses with their own reads: None)
+    items = "images"  # what the list's lines name, in messages
 
     def setup(self, bottom: list[Blob], top: list[Blob]) -> None:
         p = self.param.image_data_param
@@ -119,23 +120,38 @@ class ImageData(DataLayer):
         self.transformer = DataTransformer(self.param.transform_param, self.phase,
                                            f"{self.where}, source '{p.source}'")
         self.lines = read_list_file(p.source, self.where)
+        self._start(int(p.rand_skip))
+        first = self._load(self.cursor)
+        self.top_shape = (self.batch_size, *self.transformer.infer_shape(first.shape))
+        self.prefetch = Prefetcher()
+
+    def _start(self, rand_skip: int) -> None:
+        """The first order of the list (a permutation from ``rng`` when shuffling), then the
+        first line: a draw in [0, rand_skip) when ``rand_skip`` is set. Draws in that order."""
         self.order = np.arange(len(self.lines))
         if self.shuffle:
             log.info("%s: Shuffling data", self.where)
             self.order = self.rng.permutation(len(self.lines))
-        log.info("%s: A total of %d images.", self.where, len(self.lines))
-        self.cursor = 0
-        self.epoch = 0
-        if p.rand_skip:
-            skip = int(self.rng.integers(0, p.rand_skip))
+        log.info("%s: A total of %d %s.", self.where, len(self.lines), self.items)
+        self.cursor, self.epoch = 0, 0
+        if rand_skip:
+            skip = int(self.rng.integers(0, rand_skip))
             if skip >= len(self.lines):
                 raise self.error(f"rand_skip drew {skip} but the list has only "
-                                 f"{len(self.lines)} images; use a smaller rand_skip")
+                                 f"{len(self.lines)} {self.items}; use a smaller rand_skip")
             log.info("%s: Skipping first %d data points.", self.where, skip)
             self.cursor = skip
-        first = self._load(self.cursor)
-        self.top_shape = (self.batch_size, *self.transformer.infer_shape(first.shape))
-        self.prefetch = Prefetcher()
+
+    def _advance(self) -> None:
+        """Past one line; past the last, back to the first with a new permutation when
+        shuffling (Caffe reshuffles at every wrap)."""
+        self.cursor += 1
+        if self.cursor >= len(self.lines):
+            log.info("%s: Restarting data prefetching from start.", self.where)
+            self.cursor = 0
+            self.epoch += 1
+            if self.shuffle:
+                self.order = self.rng.permutation(len(self.lines))
 
     def _load_ahead(self, cursor: int, order: np.ndarray) -> list[np.ndarray]:
         """The images of lines ``cursor``.. of ``order``, a batch at most, up to the list's end
@@ -169,13 +185,7 @@ class ImageData(DataLayer):
                 k = len(images)
                 images.append(ahead[k] if k < len(ahead) else self._load(self.cursor))
                 labels.append(self.lines[self.order[self.cursor]][1])
-            self.cursor += 1
-            if self.cursor >= len(self.lines):
-                log.info("%s: Restarting data prefetching from start.", self.where)
-                self.cursor = 0
-                self.epoch += 1
-                if self.shuffle:
-                    self.order = self.rng.permutation(len(self.lines))
+            self._advance()
         self.prefetch.start((self.cursor, self.epoch),
                             lambda c=self.cursor, o=self.order: self._load_ahead(c, o))
         self.top_shape = (self.batch_size, *self.transformer.infer_shape(images[0].shape))

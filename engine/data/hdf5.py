@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from engine.data.listfile import list_lines
 from engine.errors import DataError
 
 if TYPE_CHECKING:
@@ -27,14 +28,9 @@ def read_file_list(source: str, where: str = "HDF5Data") -> list[str]:
     A relative path is taken from the working directory, as Caffe does; if no file is there, from
     the list file's folder.
     """
-    try:
-        with open(source, encoding="utf-8") as f:
-            lines = [line.strip() for line in f]
-    except OSError as exc:
-        raise DataError(f"{where}: cannot read the HDF5 list file '{source}': "
-                        f"{exc.strerror}") from exc
     paths = []
-    for line in filter(None, lines):
+    for _, line in list_lines(source, where, "HDF5 list file", "path/to/file.h5"):
+        line = line.strip()
         beside = os.path.join(os.path.dirname(source), line)
         if os.path.isfile(line) or os.path.isabs(line) or not os.path.isfile(beside):
             paths.append(line)

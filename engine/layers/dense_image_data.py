@@ -36,7 +36,7 @@ def resize_nearest(chw: np.ndarray, height: int, width: int) -> np.ndarray:
 def read_pair_list(source: str, where: str) -> list[tuple[str, str]]:
     """``image label_image`` lines (two whitespace-separated paths); blank lines skipped."""
     pairs = []
-    for number, line in list_lines(source, where, "image list"):
+    for number, line in list_lines(source, where, "image list", "image_path label_image_path"):
         fields = line.split()
         if len(fields) != 2:
             raise DataError(f"{where}: line {number} of '{source}' is {line!r}; expected "

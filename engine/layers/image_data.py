@@ -68,7 +68,7 @@ def resize_linear(chw: np.ndarray, height: int, width: int) -> np.ndarray:
 def read_list_file(source: str, where: str) -> list[tuple[str, int]]:
     """``relpath label`` lines, split at the last space (paths may hold spaces); blanks skipped."""
     lines = []
-    for number, line in list_lines(source, where, "image list"):
+    for number, line in list_lines(source, where, "image list", "relative/path label"):
         line = line.rstrip()
         path, _, label = line.rpartition(" ")
         try:

@@ -259,7 +259,9 @@ def read_binary(path: PathLike, message: M | type[M]) -> M:
     return message
 
 
-def _check_blob(blob, path: PathLike, what: str) -> None:
+def check_blob_proto(blob, path: PathLike, what: str) -> None:
+    """A ParseError naming ``path`` and ``what`` unless ``blob``'s shape is valid and it holds
+    exactly that many values (a truncated or corrupt file)."""
     n = len(blob.double_data) or len(blob.data)
     try:
         shape = blob_proto_shape(blob)
@@ -319,7 +321,7 @@ def read_net_binary(path: PathLike) -> caffe_pb2.NetParameter:
     upgrade_net(net, source)
     for layer in net.layer:
         for i, blob in enumerate(layer.blobs):
-            _check_blob(blob, source, f"layer '{layer.name}' blob {i}")
+            check_blob_proto(blob, source, f"layer '{layer.name}' blob {i}")
     return net
 
 
@@ -411,7 +413,7 @@ def read_blob_proto(path: PathLike) -> caffe_pb2.BlobProto:
     blob = read_binary(path, caffe_pb2.BlobProto)
     if not (len(blob.data) or len(blob.double_data)):
         raise ParseError(f"{os.fspath(path)}: holds no blob values; not a .binaryproto blob")
-    _check_blob(blob, path, "the blob")
+    check_blob_proto(blob, path, "the blob")
     return blob
 
 

@@ -31,8 +31,14 @@ from google.protobuf.message import DecodeError
 
 from engine import caffe_pb2
 from engine.blob import blob_proto_array, blob_proto_shape
-from engine.errors import MokaError, SolverError
-from engine.io import atomic_target, fill_blob_proto, hdf5_writer, read_net_binary
+from engine.errors import MokaError, ParseError, SolverError
+from engine.io import (
+    atomic_target,
+    check_blob_proto,
+    fill_blob_proto,
+    hdf5_writer,
+    read_net_binary,
+)
 
 log = logging.getLogger("solvers")
 
@@ -285,15 +291,10 @@ def _read_state_binary(path: str) -> StoredState:
 
 def _history_array(proto, k: int, path: str) -> np.ndarray:
     try:
-        shape = blob_proto_shape(proto)
-    except ValueError as exc:  # a negative dim, more than 32 axes
-        raise SolverError(f"{path}: history blob {k}: {exc}; the file is corrupt") from None
-    held = len(proto.double_data) or len(proto.data)
-    expected = int(np.prod(shape, dtype=np.int64))
-    if held != expected:
-        raise SolverError(f"{path}: history blob {k} declares shape {tuple(shape)} ({expected} "
-                          f"values) but holds {held}; the solver state is truncated or corrupt")
-    return blob_proto_array(proto, shape)
+        check_blob_proto(proto, path, f"history blob {k}")
+    except ParseError as exc:
+        raise SolverError(str(exc)) from None
+    return blob_proto_array(proto, blob_proto_shape(proto))
 
 
 def _read_state_hdf5(path: str) -> StoredState:

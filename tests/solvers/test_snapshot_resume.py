@@ -308,3 +308,22 @@ def test_resume_is_exact_with_data_prefetching_on_or_off(resume_setup, tmp_path,
     other.step(6)  # with the default setting
     for a, b in zip(straight.net.learnable_params, other.net.learnable_params, strict=True):
         np.testing.assert_array_equal(a.data, b.data)
+
+
+@pytest.mark.parametrize("dims, values, message", [
+    ([2, 3], [1.0, 2.0], r"history blob 1 declares shape \(2, 3\) \(6 values\) but holds 2"),
+    ([-2], [], r"history blob 1: .*the file is corrupt"),
+])
+def test_a_caffe_state_with_a_damaged_history_blob_is_refused_naming_it(tmp_path, dims, values,
+                                                                         message):
+    from solvers.snapshot import read_state
+
+    state = caffe_pb2.SolverState(iter=3)
+    state.history.add().CopyFrom(caffe_pb2.BlobProto(shape=caffe_pb2.BlobShape(dim=[1]),
+                                                     data=[0.5]))
+    state.history.add().CopyFrom(caffe_pb2.BlobProto(shape=caffe_pb2.BlobShape(dim=dims),
+                                                     data=values))
+    path = tmp_path / "caffe_iter_3.solverstate"
+    path.write_bytes(state.SerializeToString())
+    with pytest.raises(SolverError, match=r"caffe_iter_3\.solverstate: " + message):
+        read_state(str(path))

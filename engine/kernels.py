@@ -23,13 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-from engine.parallel import (
-    for_batch_blocks,
-    for_batch_chunks,
-    for_each_block,
-    num_threads,
-    single_threaded_blas,
-)
+from engine.parallel import for_batch_chunks, for_each_block, num_threads
 
 
 # -- sizes and offsets -------------------------------------------------------------------------
@@ -537,8 +531,7 @@ def _params_by_blocks(dy: np.ndarray, matrix: np.ndarray, group: int, count: int
             np.copyto(rows.transpose(1, 0, 2), dy[first:last])
             products(rows.reshape(o, -1), first, last, j)
 
-    with single_threaded_blas():
-        for_batch_blocks(work, count, n * p * (o + k) // count)
+    for_each_block(work, count, n * p * (o + k) // count)
     return (parts.sum(axis=0) if weights else None,
             bias_parts.sum(axis=0) if bias else None)
 

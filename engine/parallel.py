@@ -277,9 +277,12 @@ def for_batch_blocks(fn: Callable[[int, int, int], None], n: int, item_work: int
         raise error
 
 
-def for_each_block(fn: Callable[[int, int, int], None], n: int) -> None:
+def for_each_block(fn: Callable[[int, int, int], None], n: int,
+                   item_work: int = MIN_THREAD_WORK) -> None:
     """Call ``fn(worker, start, stop)`` over one contiguous range of ``range(n)`` per thread,
     for ``n`` independent blocks of work that each call BLAS (a convolution's batch blocks).
+    ``item_work``: one block's work, as ``for_batch_blocks`` takes it (by default every block
+    is worth a thread).
 
     Meanwhile BLAS runs on one thread per caller (``single_threaded_blas``), so a block's copies
     and GEMMs stay on one core and its cache, and the threads meet once per call instead of at
@@ -292,7 +295,7 @@ def for_each_block(fn: Callable[[int, int, int], None], n: int) -> None:
         fn(0, 0, n)
         return
     with single_threaded_blas():
-        for_batch_blocks(fn, n, MIN_THREAD_WORK)
+        for_batch_blocks(fn, n, item_work)
 
 
 def for_batch_chunks(fn: Callable[[int, int], None], n: int, item_work: int) -> None:

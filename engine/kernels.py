@@ -249,9 +249,10 @@ def _channels_last(matrix: np.ndarray) -> bool:
 def conv_forward(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None,
                  geom: ConvGeometry, ws: Workspace, out: np.ndarray,
                  w: np.ndarray | None = None) -> np.ndarray:
-    """``out`` (N, O, *out) = convolution of ``x`` (N, C, *spatial); one GEMM per group over the
-    whole batch. Returns the column matrices (kept in ``ws``) for ``conv_backward_params``.
-    ``w``: ``weight_matrix(weight, geom.group)``, if already built."""
+    """``out`` (N, O, *out) = convolution of ``x`` (N, C, *spatial): im2col of the whole ``x``
+    (callers pass a batch block), then per group one GEMM (channel-last columns) or one stacked
+    per-sample matmul (channel-first). Returns the column matrices (kept in ``ws``) for
+    ``conv_backward_params``. ``w``: ``weight_matrix(weight, geom.group)``, if already built."""
     matrix = conv_columns(x, geom, ws)
     w = weight_matrix(weight, geom.group) if w is None else w
     n, o, og = x.shape[0], weight.shape[0], weight.shape[0] // geom.group
@@ -394,21 +395,23 @@ def conv_backward_blocked(dy: np.ndarray, x: np.ndarray, weight: np.ndarray,
         work = ws.lane(i % lanes)
         with order:
             own = added[0] == i  # its turn already: add straight in
-        diffs = (weight_diff, bias_diff) if own else tuple(
-            None if d is None else work.get(name, d.shape, d.dtype)
-            for name, d in (("weight_diff", weight_diff), ("bias_diff", bias_diff)))
-        for d in diffs if not own else ():
-            if d is not None:
-                d.fill(0)
+        totals = diffs = (weight_diff, bias_diff)
+        if not own:  # into the lane's buffers, added below in block order
+            diffs = tuple(None if d is None else work.get(name, d.shape, d.dtype)
+                          for name, d in zip(("weight_diff", "bias_diff"), totals, strict=True))
+            for d in diffs:
+                if d is not None:
+                    d.fill(0)
         _conv_backward_block(dy[start:end], x[start:end], weight, geom, work.child(end - start),
                              *diffs, None if dx is None else dx[start:end], None, w_rows)
         with order:
             order.wait_for(lambda: added[0] == i or failed[0])
             if failed[0]:
                 return
-            for total, part in zip((weight_diff, bias_diff), diffs, strict=True):
-                if part is not None and not own:
-                    total += part
+            if not own:
+                for total, part in zip(totals, diffs, strict=True):
+                    if part is not None:
+                        total += part
             added[0] += 1
             order.notify_all()
     for_each_block(run, lanes)

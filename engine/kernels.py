@@ -325,18 +325,18 @@ def column_bytes(x: np.ndarray, geom: ConvGeometry) -> int:
 
 def conv_forward_blocked(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None,
                          geom: ConvGeometry, ws: Workspace, out: np.ndarray,
-                         block_bytes: int | None = None) -> int:
+                         block_bytes: int | None = None) -> None:
     """``conv_forward`` over blocks of the batch (``conv_blocks``), each block's columns built,
     multiplied and written out (the bias added in that same pass) while they are in cache;
-    several blocks run side by side, one thread each (``parallel.for_each_block``). Returns the
-    number of blocks; when it is 1, the batch's columns stay in ``ws`` for
+    several blocks run side by side, one thread each (``parallel.for_each_block``). When the
+    batch is one block, its columns stay in ``ws`` for
     ``conv_backward_blocked(..., columns_kept=True)``. ``block_bytes``: the block budget
     (default ``CONV_BLOCK_BYTES``)."""
     blocks = conv_blocks(x.shape[0], column_bytes(x, geom), block_bytes)
     if len(blocks) == 1:
         work = ws.child(x.shape[0])
         work.kept = conv_forward(x, weight, bias, geom, work, out)
-        return 1
+        return
 
     w = weight_matrix(weight, geom.group)  # a copy of the weight: once, not per block
 
@@ -345,7 +345,6 @@ def conv_forward_blocked(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | N
             conv_forward(x[start:end], weight, bias, geom, ws.lane(lane).child(end - start),
                          out[start:end], w)
     for_each_block(run, len(blocks))
-    return len(blocks)
 
 
 def conv_backward_blocked(dy: np.ndarray, x: np.ndarray, weight: np.ndarray,

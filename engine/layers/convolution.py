@@ -185,10 +185,10 @@ class Convolution(Layer):
                 continue
             x = self._nchw(b.data, self.channels)
             one = len(conv_blocks(self.num, column_bytes(x, self.geom))) == 1
-            blocks = conv_forward_blocked(x, self.blobs[0].data, bias, self.geom,
-                                          self._kept_scratch if one else self._scratch,
-                                          self._nchw(t.data, self.num_output))
-            self._kept_for = b.data if blocks == 1 and len(bottom) == 1 else None
+            conv_forward_blocked(x, self.blobs[0].data, bias, self.geom,
+                                 self._kept_scratch if one else self._scratch,
+                                 self._nchw(t.data, self.num_output))
+            self._kept_for = b.data if one and len(bottom) == 1 else None
 
     def backward(self, top: list[Blob], propagate_down: Sequence[bool],
                  bottom: list[Blob]) -> None:
@@ -204,7 +204,7 @@ class Convolution(Layer):
                                    weight_diff, bias_diff, dx)
                 continue
             dx = self._nchw(b.diff, self.channels) if propagate_down[i] else None
-            kept = self._kept_for is b.data and len(bottom) == 1
+            kept = self._kept_for is b.data  # set for a single bottom only
             conv_backward_blocked(dy, self._nchw(b.data, self.channels), self.blobs[0].data,
                                   self.geom, self._kept_scratch if kept else self._scratch,
                                   weight_diff, bias_diff, dx, kept)

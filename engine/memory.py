@@ -47,6 +47,7 @@ What a net holds, and the rule for each kind:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
@@ -63,29 +64,26 @@ class SharedWorkspace:
 
     def __init__(self) -> None:
         self._buffers: dict[str, np.ndarray] = {}
-        self._last: dict[str, tuple] = {}  # name -> (user, shape, dtype, fill) of the last get
+        self._last: dict[str, tuple] = {}  # name -> (user, shape, dtype) of the last get
 
     def view(self, user: object, private: Collection[str] = ()) -> Workspace:
         """The workspace ``user`` (a layer) computes in; the names in ``private`` stay the
         user's own (what its backward reuses from its forward)."""
         return _SharedView(self, user, frozenset(private))
 
-    def get(self, user: object, name: str, shape: Sequence[int], dtype: np.dtype | type,
-            fill: float | None = None) -> np.ndarray:
+    def get(self, user: object, name: str, shape: Sequence[int],
+            dtype: np.dtype | type) -> np.ndarray:
+        """Buffer ``name`` as an uninitialised array for ``user`` (filled buffers are never
+        shared: ``_SharedView.get``)."""
         shape = tuple(int(n) for n in shape)
         dtype = np.dtype(dtype)
-        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        nbytes = math.prod(shape) * dtype.itemsize
         buffer = self._buffers.get(name)
-        fresh = buffer is None or buffer.size < nbytes
-        if fresh:
+        if buffer is None or buffer.size < nbytes:
             buffer = np.empty(max(nbytes, 1), np.uint8)
             self._buffers[name] = buffer
-        array = buffer[:nbytes].view(dtype).reshape(shape)
-        key = (id(user), shape, dtype, fill)
-        if fill is not None and (fresh or self._last.get(name) != key):
-            array.fill(fill)
-        self._last[name] = key
-        return array
+        self._last[name] = (id(user), shape, dtype)
+        return buffer[:nbytes].view(dtype).reshape(shape)
 
     def holders(self, array: np.ndarray) -> dict[str, tuple]:
         """The buffers ``array`` lies in, each with the key of its last request."""
@@ -151,7 +149,7 @@ class _SharedView(Workspace):
             # user's: shared, it would need refilling after every other layer (measured 2-4%
             # of a CIFAR10-quick training iteration); these are the small ones
             return super().get(name, shape, dtype, fill)
-        return self._shared.get(self._user, name + self._suffix, shape, dtype, fill)
+        return self._shared.get(self._user, name + self._suffix, shape, dtype)
 
 
 # -- recycling ------------------------------------------------------------------------------------

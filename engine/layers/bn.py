@@ -49,9 +49,6 @@ class BN(Layer):
     Shapes: bottom (N, C, ...) -> top like bottom; safe in place.
     """
 
-    backward_needs_bottom_data = False  # backward reads its own x_hat and inv_std
-    backward_needs_top_data = False
-
     n_top = (1, 3)
     backward_needs_bottom_data = False  # x_hat (or x) and the statistics are kept
     backward_needs_top_data = False

@@ -23,6 +23,8 @@ Maps compose along a path (:func:`compose`) and invert (:func:`inverse`);
 
 from __future__ import annotations
 
+from collections import deque
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -146,13 +148,14 @@ def _mapped_bottoms(top: Top) -> tuple[Top, ...]:
     return bottoms[:1] if top.fn.type_name == "Crop" else bottoms
 
 
-def _walk(start: Top) -> dict[Top, CoordMap]:
-    """Every top reachable backwards from ``start`` through mappable layers, with the map
-    from its coordinates to ``start``'s."""
+def _walk(start: Top) -> Iterator[tuple[Top, CoordMap]]:
+    """Every top reachable backwards from ``start`` through mappable layers, nearest first,
+    with the map from its coordinates to ``start``'s."""
     maps: dict[Top, CoordMap] = {start: IDENTITY}
-    frontier = [start]
+    frontier = deque([start])
     while frontier:
-        top = frontier.pop()
+        top = frontier.popleft()
+        yield top, maps[top]
         try:
             step = coord_map(top.fn)
         except UndefinedMapException:
@@ -161,27 +164,15 @@ def _walk(start: Top) -> dict[Top, CoordMap]:
             if bottom not in maps:
                 maps[bottom] = compose(maps[top], step)
                 frontier.append(bottom)
-    return maps
 
 
 def coord_map_from_to(top_from: Top, top_to: Top) -> CoordMap:
-    """The map taking ``top_from``'s coordinates to ``top_to``'s, through a blob both are
-    computed from: ``x_to = a * x_from + b``."""
-    from_maps = _walk(top_from)
-    to_maps: dict[Top, CoordMap] = {top_to: IDENTITY}
-    frontier = [top_to]
-    while frontier:
-        top = frontier.pop(0)
+    """The map taking ``top_from``'s coordinates to ``top_to``'s, through the blob nearest
+    ``top_to`` that both are computed from: ``x_to = a * x_from + b``."""
+    from_maps = dict(_walk(top_from))
+    for top, to_map in _walk(top_to):
         if top in from_maps:
-            return compose(to_maps[top], inverse(from_maps[top]))
-        try:
-            step = coord_map(top.fn)
-        except UndefinedMapException:
-            continue
-        for bottom in _mapped_bottoms(top):
-            if bottom not in to_maps:
-                to_maps[bottom] = compose(to_maps[top], step)
-                frontier.append(bottom)
+            return compose(to_map, inverse(from_maps[top]))
     raise CoordMapError("Could not compute map between tops; are they connected by spatial "
                         "layers?")
 

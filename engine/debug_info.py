@@ -94,9 +94,10 @@ def learnable_owners(net) -> list[tuple[str, str]]:
     return owners
 
 
-def update(net, k: int, data: np.ndarray, step: np.ndarray) -> None:
-    """Caffe's UpdateDebugInfo for learnable param ``k``: its data and the step about to be
-    applied (the diff Caffe's update subtracts)."""
-    layer_name, display = learnable_owners(net)[k]
+def update(owner: tuple[str, str], data: np.ndarray, step: np.ndarray) -> None:
+    """Caffe's UpdateDebugInfo for one learnable param, ``owner`` its entry in
+    :func:`learnable_owners`: its data and the step about to be applied (the diff Caffe's
+    update subtracts)."""
+    layer_name, display = owner
     log.info("    [Update] Layer %s, param %s data: %s; diff: %s", layer_name, display,
              _g(mean_abs(data)), _g(mean_abs(step)))

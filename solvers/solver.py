@@ -438,6 +438,7 @@ class Solver:
         if chunks is not None:
             self._update_finite = self._update_in_chunks(chunks, local_rates)
             return
+        owners = debug_info.learnable_owners(self.net) if show else []  # once: a walk of the net
         for i, blob in enumerate(self.net.learnable_params):
             if self.param.iter_size > 1:
                 blob.diff *= 1.0 / self.param.iter_size
@@ -446,7 +447,7 @@ class Solver:
             if step is not blob.diff:
                 blob.diff[...] = step  # Caffe leaves the applied step in the diff
             if show:
-                debug_info.update(self.net, i, blob.data, blob.diff)
+                debug_info.update(owners[i], blob.data, blob.diff)
             blob.data -= blob.diff
 
     def _update_chunks(self) -> list[tuple] | None:

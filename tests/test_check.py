@@ -139,3 +139,19 @@ layer { name: "loss" type: "SoftmaxWithLoss" bottom: "y" bottom: "label" top: "l
     assert "verdict: ok" in out
     assert main(["check", "net.prototxt"]) == 1  # no size for the data: says how to give it
     assert "--input-shape data=N,C,H,W" in capsys.readouterr().err
+
+
+def test_a_function_that_bends_inside_the_step_is_skipped_not_failed(tmp_path):
+    """Normalize on all-zero channels: x / sqrt(x^2 + 1e-10) turns from -1 to 1 within 1e-5 of
+    0, so a 1e-3 central difference reads slope 1e3 where the true one is 1e5; a tenth of the
+    step reads another slope, which marks the element as not judged."""
+    path = tmp_path / "zero_norm.prototxt"
+    path.write_text("""
+layer { name: "in" type: "Input" top: "x" top: "target"
+  input_param { shape { dim: 2 dim: 3 dim: 2 dim: 2 } shape { dim: 2 dim: 3 dim: 2 dim: 2 } } }
+layer { name: "zero" type: "Power" bottom: "x" top: "z" power_param { scale: 0 } }
+layer { name: "norm" type: "Normalize" bottom: "z" top: "n" norm_param { across_spatial: false } }
+layer { name: "loss" type: "EuclideanLoss" bottom: "n" bottom: "target" top: "loss" }
+""")
+    norm = check_net(path).layer("norm")
+    assert norm.failure is None and norm.kinks > 0  # test_a_wrong_backward_is_flagged: still fails

@@ -509,8 +509,6 @@ def _params_by_blocks(dy: np.ndarray, matrix: np.ndarray, group: int, count: int
     bias_parts = ws.get("db_parts", (count, o), dy.dtype)
     ones = ws.get("ones_block", (longest * p,), dy.dtype, fill=1)
     columns = matrix.reshape(group, n, p, k)  # a view for both layouts
-    scratch = [ws.get(f"dy_block{w}", (o * longest * p,), dy.dtype)
-               for w in range(num_threads())] if count < n else []
 
     def products(rows: np.ndarray, first: int, last: int, out: slice | int) -> None:
         """Block products of ``rows`` (..., O, L) and samples first..last-1 into ``out``."""
@@ -527,9 +525,10 @@ def _params_by_blocks(dy: np.ndarray, matrix: np.ndarray, group: int, count: int
         if count == n:  # dy's samples are the blocks' (O, P) matrices as they are
             products(dy[start:stop], start, stop, slice(start, stop))
             return
+        scratch = ws.lane(worker).get("dy_block", (o * longest * p,), dy.dtype)
         for j in range(start, stop):
             first, last = bounds[j], bounds[j + 1]
-            rows = scratch[worker][:o * (last - first) * p].reshape(o, last - first, p)
+            rows = scratch[:o * (last - first) * p].reshape(o, last - first, p)
             np.copyto(rows.transpose(1, 0, 2), dy[first:last])
             products(rows.reshape(o, -1), first, last, j)
 

@@ -178,16 +178,14 @@ class Convolution(Layer):
     def forward(self, bottom: list[Blob], top: list[Blob]) -> None:
         bias = self.blobs[1].data if self.bias_term else None
         for i, (b, t) in enumerate(zip(bottom, top, strict=True)):
+            x, y = self._nchw(b.data, self.channels), self._nchw(t.data, self.num_output)
             if self.direct:
-                depthwise_forward(self._nchw(b.data, self.channels), self.blobs[0].data, bias,
-                                  self.geom, self._work.setdefault(i, Workspace()),
-                                  self._nchw(t.data, self.num_output))
+                depthwise_forward(x, self.blobs[0].data, bias, self.geom,
+                                  self._work.setdefault(i, Workspace()), y)
                 continue
-            x = self._nchw(b.data, self.channels)
             one = len(conv_blocks(self.num, column_bytes(x, self.geom))) == 1
             conv_forward_blocked(x, self.blobs[0].data, bias, self.geom,
-                                 self._kept_scratch if one else self._scratch,
-                                 self._nchw(t.data, self.num_output))
+                                 self._kept_scratch if one else self._scratch, y)
             self._kept_for = b.data if one and len(bottom) == 1 else None
 
     def backward(self, top: list[Blob], propagate_down: Sequence[bool],
@@ -196,15 +194,14 @@ class Convolution(Layer):
         weight_diff = self.blobs[0].diff if want[0] else None
         bias_diff = self.blobs[1].diff if self.bias_term and want[1] else None
         for i, (t, b) in enumerate(zip(top, bottom, strict=True)):
-            dy = self._nchw(t.diff, self.num_output)
-            if self.direct:
-                dx = self._nchw(b.diff, self.channels) if propagate_down[i] else None
-                depthwise_backward(dy, self._nchw(b.data, self.channels), self.blobs[0].data,
-                                   self.geom, self._work.setdefault(i, Workspace()),
-                                   weight_diff, bias_diff, dx)
-                continue
+            dy, x = self._nchw(t.diff, self.num_output), self._nchw(b.data, self.channels)
             dx = self._nchw(b.diff, self.channels) if propagate_down[i] else None
+            if self.direct:
+                depthwise_backward(dy, x, self.blobs[0].data, self.geom,
+                                   self._work.setdefault(i, Workspace()), weight_diff,
+                                   bias_diff, dx)
+                continue
             kept = self._kept_for is b.data  # set for a single bottom only
-            conv_backward_blocked(dy, self._nchw(b.data, self.channels), self.blobs[0].data,
-                                  self.geom, self._kept_scratch if kept else self._scratch,
-                                  weight_diff, bias_diff, dx, kept)
+            conv_backward_blocked(dy, x, self.blobs[0].data, self.geom,
+                                  self._kept_scratch if kept else self._scratch, weight_diff,
+                                  bias_diff, dx, kept)

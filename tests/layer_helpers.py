@@ -31,6 +31,13 @@ def make_layer(text: str, bottom: Sequence[Blob], n_top: int = 1, phase: int = T
     return layer, top
 
 
+def forward_tops(layer: Layer, top: list[Blob]) -> list[np.ndarray]:
+    """Reshape and forward a layer without bottoms (a data layer); copies of its tops' data."""
+    layer.reshape([], top)
+    layer.forward([], top)
+    return [t.data.copy() for t in top]
+
+
 def blob_of(array, dtype=np.float64) -> Blob:
     """A blob whose data is ``array``."""
     array = np.asarray(array, dtype)

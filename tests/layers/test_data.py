@@ -12,7 +12,7 @@ import logging
 import h5py
 import numpy as np
 import pytest
-from layer_helpers import make_layer
+from layer_helpers import forward_tops, make_layer
 
 from engine.blob import Blob
 from engine.data import array_to_datum, write_lmdb, write_mean
@@ -37,12 +37,6 @@ def data_layer(source, batch=3, extra="", n_top=2, phase=TRAIN, seed=0, dtype=np
     text = (f'type: "Data" top: "data" top: "label" data_param {{ source: "{source}" '
             f'batch_size: {batch} backend: {backend} }} {extra}')
     return make_layer(text, [], n_top=n_top, phase=phase, seed=seed, dtype=dtype)
-
-
-def forward(layer, top):
-    layer.reshape([], top)
-    layer.forward([], top)
-    return [t.data.copy() for t in top]
 
 
 # -- Input ---------------------------------------------------------------------------------------
@@ -84,7 +78,7 @@ def test_dummy_data_shapes_and_default_zero(param, n_top, shapes):
     layer, top = make_layer(f'type: "DummyData" dummy_data_param {{ {param} }}', [],
                             n_top=n_top)
     assert [t.shape for t in top] == shapes
-    forward(layer, top)
+    forward_tops(layer, top)
     assert all(np.all(t.data == 0) for t in top)
 
 
@@ -97,10 +91,10 @@ def test_dummy_data_constant_is_filled_once_and_random_every_forward():
     assert np.all(top[1].data == 0)  # Caffe fills non-constant tops at forward only
     top[0].data[0, 0] = -9.0
     rng = np.random.default_rng(3)
-    first = forward(layer, top)
+    first = forward_tops(layer, top)
     assert first[0][0, 0] == -9.0  # the constant top is not refilled
     np.testing.assert_array_equal(first[1], rng.uniform(-1, 1, (3, 4)))
-    second = forward(layer, top)
+    second = forward_tops(layer, top)
     np.testing.assert_array_equal(second[1], rng.uniform(-1, 1, (3, 4)))
 
 
@@ -108,7 +102,7 @@ def test_dummy_data_one_filler_for_all_tops():
     text = ('type: "DummyData" dummy_data_param { shape { dim: 2 } shape { dim: 3 } '
             'data_filler { type: "gaussian" std: 2 } }')
     layer, top = make_layer(text, [], n_top=2, seed=1)
-    values = forward(layer, top)
+    values = forward_tops(layer, top)
     rng = np.random.default_rng(1)
     np.testing.assert_array_equal(values[0], rng.normal(0, 2, (2,)))
     np.testing.assert_array_equal(values[1], rng.normal(0, 2, (3,)))
@@ -135,7 +129,7 @@ def test_data_reads_records_in_key_order_and_wraps(tmp_path, caplog):
     served = []
     with caplog.at_level(logging.INFO):
         for _ in range(3):
-            data, label = forward(layer, top)
+            data, label = forward_tops(layer, top)
             served.append((data, label))
     assert "Restarting data prefetching from start" in caplog.text
     rows = [0, 1, 2, 3, 4, 5, 6, 0, 1]
@@ -146,7 +140,7 @@ def test_data_reads_records_in_key_order_and_wraps(tmp_path, caplog):
 
 def test_data_float32_net_and_single_top(tmp_path):
     layer, top = data_layer(write_db(tmp_path / "db"), batch=2, n_top=1, dtype=np.float32)
-    (data,) = forward(layer, top)
+    (data,) = forward_tops(layer, top)
     assert data.dtype == np.float32 and data.shape == (2, 3, 6, 5)
     np.testing.assert_array_equal(data, IMAGES[:2])
 
@@ -154,7 +148,7 @@ def test_data_float32_net_and_single_top(tmp_path):
 def test_data_float_datums(tmp_path):
     images = RNG.normal(size=(4, 2, 3, 3)).astype(np.float32)
     layer, top = data_layer(write_db(tmp_path / "db", images, [0, 1, 2, 3]), batch=4)
-    data, label = forward(layer, top)
+    data, label = forward_tops(layer, top)
     np.testing.assert_array_equal(data, images)
     np.testing.assert_array_equal(label, [0, 1, 2, 3])
 
@@ -164,7 +158,7 @@ def test_data_float_datums(tmp_path):
 def test_data_png_encoded_records(tmp_path, force, channels):
     source = write_db(tmp_path / "db", encode="PNG")
     layer, top = data_layer(source, batch=7, extra=f"transform_param {{ {force} }}")
-    data, _ = forward(layer, top)
+    data, _ = forward_tops(layer, top)
     assert data.shape == (7, channels, 6, 5)
     if channels == 3:
         np.testing.assert_array_equal(data, IMAGES)  # BGR in, BGR out
@@ -180,7 +174,7 @@ def test_data_rand_skip(tmp_path):
     layer, top = make_layer(text, [], n_top=1, seed=4)
     skip = int(np.random.default_rng(4).integers(0, 5))
     assert layer.get_state() == {"cursor": skip}
-    np.testing.assert_array_equal(forward(layer, top)[0], IMAGES[skip:skip + 1])
+    np.testing.assert_array_equal(forward_tops(layer, top)[0], IMAGES[skip:skip + 1])
 
 
 def test_data_varying_sizes_need_a_crop(tmp_path):
@@ -189,12 +183,12 @@ def test_data_varying_sizes_need_a_crop(tmp_path):
     write_lmdb(source, [(b"%d" % i, array_to_datum(im, 0).SerializeToString())
                         for i, im in enumerate(images)])
     layer, top = data_layer(source, batch=2, phase=TEST, extra="transform_param { crop_size: 3 }")
-    data, _ = forward(layer, top)
+    data, _ = forward_tops(layer, top)
     np.testing.assert_array_equal(data[0, 0], images[0][0, 0:3, 0:3])
     np.testing.assert_array_equal(data[1, 0], images[1][0, 1:4, 1:4])
     layer, top = data_layer(source, batch=2)
     with pytest.raises(DataError, match="size of the first"):
-        forward(layer, top)
+        forward_tops(layer, top)
 
 
 # -- Data: transform_param -----------------------------------------------------------------------
@@ -243,7 +237,7 @@ def test_data_transform_matches_caffes_loop(tmp_path, phase, param, crop, mirror
     layer, top = data_layer(write_db(tmp_path / "db"), batch=7, phase=phase, seed=11,
                             extra=f"transform_param {{ {param} }}")
     assert top[0].shape == (7, 3, crop or 6, crop or 5)
-    data, _ = forward(layer, top)
+    data, _ = forward_tops(layer, top)
     mean32 = None if mean is None else np.asarray(mean, np.float32)
     expected, h_off, w_off = caffe_transform(IMAGES, phase, np.random.default_rng(11), crop,
                                              mirror, mean32, scale)
@@ -255,7 +249,7 @@ def test_data_transform_matches_caffes_loop(tmp_path, phase, param, crop, mirror
 def test_data_train_crop_is_a_valid_window(tmp_path):
     layer, top = data_layer(write_db(tmp_path / "db"), batch=7, seed=2,
                             extra="transform_param { crop_size: 3 }")
-    data, _ = forward(layer, top)
+    data, _ = forward_tops(layer, top)
     for image, crop in zip(IMAGES, data, strict=True):
         windows = np.lib.stride_tricks.sliding_window_view(image, (3, 3), axis=(1, 2))
         assert any(np.array_equal(windows[:, y, x], crop)
@@ -267,7 +261,7 @@ def test_data_float32_matches_caffes_float_arithmetic(tmp_path):
     layer, top = data_layer(write_db(tmp_path / "db"), batch=7, dtype=np.float32,
                             extra=f"transform_param {{ mean_file: '{tmp_path / 'm'}' "
                                   f"scale: 0.017 }}")
-    data, _ = forward(layer, top)
+    data, _ = forward_tops(layer, top)
     expected = (IMAGES.astype(np.float32) - MEAN.astype(np.float32)) * np.float32(0.017)
     np.testing.assert_array_equal(data, expected)
 
@@ -276,7 +270,7 @@ def test_data_legacy_data_param_transform_fields(tmp_path):
     text = (f'type: "Data" data_param {{ source: "{write_db(tmp_path / "db")}" batch_size: 2 '
             f'backend: LMDB scale: 0.5 }}')
     layer, top = make_layer(text, [], n_top=1)
-    np.testing.assert_array_equal(forward(layer, top)[0], IMAGES[:2] * 0.5)
+    np.testing.assert_array_equal(forward_tops(layer, top)[0], IMAGES[:2] * 0.5)
 
 
 # -- Data: resume --------------------------------------------------------------------------------
@@ -284,17 +278,17 @@ def test_data_legacy_data_param_transform_fields(tmp_path):
 def test_data_get_state_set_state_resumes_exactly(tmp_path, extra):
     source = write_db(tmp_path / "db")
     layer, top = data_layer(source, batch=3, extra=extra, seed=8)
-    forward(layer, top)
-    forward(layer, top)
+    forward_tops(layer, top)
+    forward_tops(layer, top)
     state, rng_state = layer.get_state(), layer.rng.bit_generator.state
     assert state == {"cursor": 6}
-    expected = [forward(layer, top) for _ in range(3)]
+    expected = [forward_tops(layer, top) for _ in range(3)]
 
     resumed, top2 = data_layer(source, batch=3, extra=extra, seed=99)
     resumed.set_state(state)
     resumed.rng.bit_generator.state = rng_state
     for want in expected:
-        got = forward(resumed, top2)
+        got = forward_tops(resumed, top2)
         for a, b in zip(got, want, strict=True):
             np.testing.assert_array_equal(a, b)
 
@@ -303,15 +297,15 @@ def test_two_layers_can_read_one_db(tmp_path):
     source = write_db(tmp_path / "db")
     first, top1 = data_layer(source, batch=2)
     second, top2 = data_layer(source, batch=5, phase=TEST)
-    forward(first, top1)
-    np.testing.assert_array_equal(forward(second, top2)[0], IMAGES[:5])
-    np.testing.assert_array_equal(forward(first, top1)[0], IMAGES[2:4])
+    forward_tops(first, top1)
+    np.testing.assert_array_equal(forward_tops(second, top2)[0], IMAGES[:5])
+    np.testing.assert_array_equal(forward_tops(first, top1)[0], IMAGES[2:4])
 
 
 # -- Data: errors --------------------------------------------------------------------------------
 def test_leveldb_backend_reads_an_lmdb_directory(tmp_path):
     layer, top = data_layer(write_db(tmp_path / "db"), batch=2, backend="LEVELDB")
-    np.testing.assert_array_equal(forward(layer, top)[0], IMAGES[:2])
+    np.testing.assert_array_equal(forward_tops(layer, top)[0], IMAGES[:2])
 
 
 def test_data_source_errors(tmp_path):
@@ -337,10 +331,10 @@ def test_data_record_errors(tmp_path):
                         for i, im in enumerate(images)] + [(b"9", b"\xff\xfenot a datum")])
     layer, top = data_layer(source, batch=2)
     with pytest.raises(DataError, match=r"3x5x4 does not fit the batch of 3x6x5"):
-        forward(layer, top)
+        forward_tops(layer, top)
     layer.set_state({"cursor": 2})
     with pytest.raises(DataError, match=r"record b'9'.*not a serialized Datum"):
-        forward(layer, top)
+        forward_tops(layer, top)
 
 
 @pytest.mark.parametrize("param, match", [
@@ -361,7 +355,7 @@ def test_transform_param_errors(tmp_path, param, match):
 
 def test_data_layers_have_no_gradient(tmp_path):
     layer, top = data_layer(write_db(tmp_path / "db"))
-    forward(layer, top)
+    forward_tops(layer, top)
     before = [t.data.copy() for t in top]
     layer.backward(top, [], [])
     assert layer.blobs == [] and all(np.array_equal(a, t.data) for a, t in zip(before, top,
@@ -398,11 +392,11 @@ def test_hdf5_batches_cross_files_and_wrap(h5_files):
     source, data = h5_files
     layer, top = hdf5_layer(source, batch=3)
     assert top[0].shape == (3, 2, 3) and top[1].shape == (3,)
-    labels = np.concatenate([forward(layer, top)[1] for _ in range(4)])
+    labels = np.concatenate([forward_tops(layer, top)[1] for _ in range(4)])
     np.testing.assert_array_equal(labels, [0, 1, 2, 3, 4, 5, 6, 0, 1, 2, 3, 4])
     layer, top = hdf5_layer(source, batch=5)
-    forward(layer, top)
-    got, label = forward(layer, top)
+    forward_tops(layer, top)
+    got, label = forward_tops(layer, top)
     np.testing.assert_array_equal(label, [5, 6, 0, 1, 2])
     np.testing.assert_array_equal(got, data[[5, 6, 0, 1, 2]])
 
@@ -414,13 +408,13 @@ def test_hdf5_list_paths_relative_to_cwd_first(h5_files, tmp_path, monkeypatch):
     write_h5(other / "a.h5", data=np.full((1, 2, 3), -1.0), label=np.array([-1]))
     monkeypatch.chdir(other)
     layer, top = hdf5_layer(source, batch=2)
-    np.testing.assert_array_equal(forward(layer, top)[1], [-1, 3])
+    np.testing.assert_array_equal(forward_tops(layer, top)[1], [-1, 3])
 
 
 def test_hdf5_shuffle_is_a_permutation_every_epoch(h5_files):
     source, data = h5_files
     layer, top = hdf5_layer(source, batch=7, shuffle=True, seed=3)
-    epochs = [forward(layer, top) for _ in range(4)]
+    epochs = [forward_tops(layer, top) for _ in range(4)]
     for got, label in epochs:
         assert sorted(label) == list(range(7))
         np.testing.assert_array_equal(got, data[label.astype(int)])
@@ -433,15 +427,15 @@ def test_hdf5_resume_with_shuffle(h5_files):
     source, _ = h5_files
     layer, top = hdf5_layer(source, batch=2, shuffle=True, seed=5)
     for _ in range(3):
-        forward(layer, top)
+        forward_tops(layer, top)
     state, rng_state = layer.get_state(), layer.rng.bit_generator.state
     assert set(state) == {"file", "cursor", "epoch", "file_order", "order"}
-    expected = [forward(layer, top)[1] for _ in range(6)]
+    expected = [forward_tops(layer, top)[1] for _ in range(6)]
     resumed, top2 = hdf5_layer(source, batch=2, shuffle=True, seed=77)
     resumed.set_state(state)
     resumed.rng.bit_generator.state = rng_state
     for want in expected:
-        np.testing.assert_array_equal(forward(resumed, top2)[1], want)
+        np.testing.assert_array_equal(forward_tops(resumed, top2)[1], want)
 
 
 def test_hdf5_errors(h5_files, tmp_path):
@@ -478,13 +472,13 @@ def test_memory_data_batches_and_wrap():
     assert top[0].shape == (2, 2, 3, 1) and top[1].shape == (2,)
     data = RNG.normal(size=(6, 2, 3, 1)).astype(np.float32)
     layer.set_input_arrays(data, np.arange(6.0))
-    served = [forward(layer, top) for _ in range(4)]
+    served = [forward_tops(layer, top) for _ in range(4)]
     rows = [0, 1, 2, 3, 4, 5, 0, 1]
     np.testing.assert_array_equal(np.concatenate([d for d, _ in served]), data[rows])
     np.testing.assert_array_equal(np.concatenate([lab for _, lab in served]), rows)
     assert layer.get_state() == {"cursor": 2}
     layer.set_state({"cursor": 4})
-    np.testing.assert_array_equal(forward(layer, top)[1], [4, 5])
+    np.testing.assert_array_equal(forward_tops(layer, top)[1], [4, 5])
 
 
 def test_memory_data_reset_does_not_transform(caplog):
@@ -493,18 +487,18 @@ def test_memory_data_reset_does_not_transform(caplog):
     with caplog.at_level(logging.WARNING):
         layer.reset(data, np.zeros((2, 1, 1, 1)))
     assert "does not transform" in caplog.text
-    np.testing.assert_array_equal(forward(layer, top)[0], data)
+    np.testing.assert_array_equal(forward_tops(layer, top)[0], data)
 
 
 def test_memory_data_add_datum_and_mat_vectors_transform():
     layer, top = memory_layer("transform_param { scale: 0.5 mean_value: 1 }")
     images = RNG.integers(0, 256, (4, 2, 3, 1), dtype=np.uint8)
     layer.add_datum_vector([array_to_datum(im, i) for i, im in enumerate(images)])
-    data, label = forward(layer, top)
+    data, label = forward_tops(layer, top)
     np.testing.assert_array_equal(data, (images[:2] - 1.0) * 0.5)
     np.testing.assert_array_equal(label, [0, 1])
     layer.add_mat_vector([im.transpose(1, 2, 0) for im in images[2:]], [7, 8])
-    data, label = forward(layer, top)
+    data, label = forward_tops(layer, top)
     np.testing.assert_array_equal(data, (images[2:] - 1.0) * 0.5)
     np.testing.assert_array_equal(label, [7, 8])
 
@@ -527,13 +521,13 @@ def test_memory_data_setup_and_forward_errors():
                    n_top=2)
     layer, top = memory_layer()
     with pytest.raises(DataError, match="call reset"):
-        forward(layer, top)
+        forward_tops(layer, top)
 
 
 def test_memory_data_in_float32():
     layer, top = memory_layer(dtype=np.float32)
     layer.reset(np.arange(12.0).reshape(2, 2, 3, 1), [3, 4])
-    data, label = forward(layer, top)
+    data, label = forward_tops(layer, top)
     assert data.dtype == np.float32 and top[0].data.dtype == np.float32
     np.testing.assert_array_equal(label, [3, 4])
 

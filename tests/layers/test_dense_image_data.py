@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from layer_helpers import make_layer
+from layer_helpers import forward_tops, make_layer
 from PIL import Image
 
 from engine.errors import DataError, LayerError
@@ -38,12 +38,6 @@ def dense_layer(source, batch=2, extra="", transform="", seed=0, phase=0):
     return make_layer(text, [], n_top=2, seed=seed, phase=phase)
 
 
-def forward(layer, top):
-    layer.reshape([], top)
-    layer.forward([], top)
-    return top[0].data.copy(), top[1].data.copy()
-
-
 def bgr(i: int) -> np.ndarray:
     return RGB[i][:, :, ::-1].transpose(2, 0, 1).astype(np.float64)
 
@@ -53,7 +47,7 @@ def test_shapes_and_values_in_list_order(source):
                              "mean_value: 10 mean_value: 20 mean_value: 30 }")
     assert top[0].shape == (2, 3, 6, 8) and top[1].shape == (2, 1, 6, 8)
     for batch in range(3):  # wraps after item 4
-        data, label = forward(layer, top)
+        data, label = forward_tops(layer, top)
         for k in range(2):
             i = (2 * batch + k) % N
             expected = (bgr(i) - np.array([10, 20, 30])[:, None, None]) * 0.5
@@ -63,7 +57,7 @@ def test_shapes_and_values_in_list_order(source):
 
 def test_resize_linear_for_images_and_nearest_for_labels(source):
     layer, top = dense_layer(source, batch=1, extra="new_height: 9 new_width: 5")
-    data, label = forward(layer, top)
+    data, label = forward_tops(layer, top)
     assert data.shape == (1, 3, 9, 5) and label.shape == (1, 1, 9, 5)
     np.testing.assert_array_equal(data[0], resize_linear(bgr(0).astype(np.uint8), 9, 5))
     np.testing.assert_array_equal(label[0], resize_nearest(LABELS[0][None], 9, 5))
@@ -79,7 +73,7 @@ def test_resize_nearest_matches_opencv(height, width):
 def test_label_divide_factor_halves_the_label(source):
     layer, top = dense_layer(source, batch=1, extra="new_height: 6 new_width: 8 "
                              "label_divide_factor: 2")
-    _, label = forward(layer, top)
+    _, label = forward_tops(layer, top)
     assert top[0].shape == (1, 3, 6, 8) and label.shape == (1, 1, 3, 4)
     np.testing.assert_array_equal(label[0], resize_nearest(LABELS[0][None], 3, 4))
 
@@ -90,7 +84,7 @@ def test_mirror_and_crop_move_image_and_label_together(source):
     assert top[0].shape == (N, 3, 4, 5) and top[1].shape == (N, 1, 4, 5)
     seen_flips, seen_offsets = set(), set()
     for _ in range(4):
-        data, label = forward(layer, top)
+        data, label = forward_tops(layer, top)
         np.testing.assert_array_equal(label[:, 0], data[:, 0])  # blue channel == label
         for crop in label[:, 0]:
             for i in range(N):
@@ -107,10 +101,10 @@ def test_mirror_and_crop_move_image_and_label_together(source):
 def test_same_seed_same_batches_and_resume(source):
     extra = "mirror: true crop_height: 4 crop_width: 6 shuffle: true"
     layer, top = dense_layer(source, batch=2, extra=extra, seed=5)
-    straight = [forward(layer, top) for _ in range(6)]
+    straight = [forward_tops(layer, top) for _ in range(6)]
     again, top2 = dense_layer(source, batch=2, extra=extra, seed=5)
     for batch in straight[:3]:
-        data, label = forward(again, top2)
+        data, label = forward_tops(again, top2)
         np.testing.assert_array_equal(data, batch[0])
         np.testing.assert_array_equal(label, batch[1])
     state, rng_state = again.get_state(), again.rng.bit_generator.state
@@ -118,7 +112,7 @@ def test_same_seed_same_batches_and_resume(source):
     resumed.set_state(state)
     resumed.rng.bit_generator.state = rng_state
     for batch in straight[3:]:
-        data, label = forward(resumed, top3)
+        data, label = forward_tops(resumed, top3)
         np.testing.assert_array_equal(data, batch[0])
         np.testing.assert_array_equal(label, batch[1])
 
@@ -126,7 +120,7 @@ def test_same_seed_same_batches_and_resume(source):
 def test_shuffle_visits_every_pair_each_epoch(source):
     layer, top = dense_layer(source, batch=1, extra="shuffle: true", seed=1)
     for _ in range(2):
-        firsts = {int(forward(layer, top)[1][0, 0, 0, 0]) for _ in range(N)}
+        firsts = {int(forward_tops(layer, top)[1][0, 0, 0, 0]) for _ in range(N)}
         assert firsts == {int(LABELS[i][0, 0]) for i in range(N)}
 
 

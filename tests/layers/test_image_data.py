@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from layer_helpers import make_layer
+from layer_helpers import forward_tops, make_layer
 from PIL import Image
 
 from engine.errors import DataError, LayerError
@@ -44,12 +44,6 @@ def image_layer(source, root, batch=2, extra="", transform="", seed=0, phase=0):
     return make_layer(text, [], n_top=2, seed=seed, phase=phase)
 
 
-def forward(layer, top):
-    layer.reshape([], top)
-    layer.forward([], top)
-    return top[0].data.copy(), top[1].data.copy()
-
-
 def bgr(i: int) -> np.ndarray:
     return RGB[i][:, :, ::-1].transpose(2, 0, 1).astype(np.float64)
 
@@ -69,14 +63,14 @@ def gray(i: int) -> np.ndarray:
 def test_shapes(source, extra, transform, shape):
     layer, top = image_layer(*source, extra=extra, transform=transform)
     assert top[0].shape == shape and top[1].shape == (2,)
-    forward(layer, top)
+    forward_tops(layer, top)
     assert top[0].shape == shape
 
 
 @pytest.mark.parametrize("is_color, expected", [(True, bgr), (False, gray)])
 def test_pixels_labels_and_wrap(source, is_color, expected):
     layer, top = image_layer(*source, extra=f"is_color: {str(is_color).lower()}")
-    seen = [forward(layer, top) for _ in range(3)]  # 6 images from a list of 5: wraps
+    seen = [forward_tops(layer, top) for _ in range(3)]  # 6 images from a list of 5: wraps
     order = [0, 1, 2, 3, 4, 0]
     data = np.concatenate([d for d, _ in seen])
     labels = np.concatenate([lab for _, lab in seen])
@@ -88,7 +82,7 @@ def test_pixels_labels_and_wrap(source, is_color, expected):
 def test_transform_scale_and_mean(source):
     layer, top = image_layer(*source, transform="transform_param { scale: 0.5 "
                              "mean_value: 1 mean_value: 2 mean_value: 3 }")
-    data, _ = forward(layer, top)
+    data, _ = forward_tops(layer, top)
     mean = np.array([1.0, 2.0, 3.0])[:, None, None]
     np.testing.assert_allclose(data, np.stack([(bgr(i) - mean) * 0.5 for i in (0, 1)]))
 
@@ -131,7 +125,7 @@ def test_resize_upscale_close_to_pillow_bilinear():
 
 def test_layer_resizes(source):
     layer, top = image_layer(*source, extra="new_height: 8 new_width: 3")
-    data, _ = forward(layer, top)
+    data, _ = forward_tops(layer, top)
     expected = resize_linear(RGB[0][:, :, ::-1].transpose(2, 0, 1).copy(), 8, 3)
     np.testing.assert_array_equal(data[0], expected)
 
@@ -140,7 +134,7 @@ def test_shuffle_is_a_permutation_per_epoch(source):
     layer, top = image_layer(*source, batch=5, extra="shuffle: true", seed=4)
     epochs = []
     for _ in range(3):
-        data, labels = forward(layer, top)
+        data, labels = forward_tops(layer, top)
         index = [next(i for i in range(N) if np.array_equal(bgr(i), d)) for d in data]
         assert sorted(index) == list(range(N))
         np.testing.assert_array_equal(labels, [LABELS[i] for i in index])
@@ -152,30 +146,30 @@ def test_rand_skip_starts_inside_the_list(source):
     layer, top = image_layer(*source, batch=1, extra="rand_skip: 4", seed=1)
     skip = layer.get_state()["cursor"]
     assert 0 <= skip < 4
-    data, _ = forward(layer, top)
+    data, _ = forward_tops(layer, top)
     np.testing.assert_array_equal(data[0], bgr(skip))
 
 
 def test_resume_with_state(source):
     layer, top = image_layer(*source, batch=3, extra="shuffle: true", seed=2,
                              transform="transform_param { mirror: true crop_size: 3 }")
-    forward(layer, top)
+    forward_tops(layer, top)
     state = layer.get_state()
     rng_state = layer.rng.bit_generator.state
-    expected = [forward(layer, top) for _ in range(3)]
+    expected = [forward_tops(layer, top) for _ in range(3)]
     other, other_top = image_layer(*source, batch=3, extra="shuffle: true", seed=9,
                                    transform="transform_param { mirror: true crop_size: 3 }")
     other.set_state(state)
     other.rng.bit_generator.state = rng_state
     for want in expected:
-        got = forward(other, other_top)
+        got = forward_tops(other, other_top)
         np.testing.assert_array_equal(got[0], want[0])
         np.testing.assert_array_equal(got[1], want[1])
 
 
 def test_test_phase_center_crop(source):
     layer, top = image_layer(*source, transform="transform_param { crop_size: 2 }", phase=TEST)
-    data, _ = forward(layer, top)
+    data, _ = forward_tops(layer, top)
     np.testing.assert_array_equal(data[0], bgr(0)[:, 2:4, 1:3])
 
 
@@ -193,7 +187,7 @@ def test_errors(tmp_path, content, message):
     layer_args = (str(path), str(tmp_path) + "/")
     with pytest.raises(DataError, match=message):
         layer, top = image_layer(*layer_args, batch=2)
-        forward(layer, top)
+        forward_tops(layer, top)
 
 
 def test_error_missing_image_names_file_and_line(tmp_path):

@@ -129,8 +129,9 @@ class HDF5Source:
         return self.file, self.row, self.epoch
 
     def rows_ahead(self, n: int) -> list[np.ndarray] | None:
-        """Copies of the next ``n`` rows of every dataset when they all lie in the loaded file
-        (the rows after it depend on draws made when the next file is entered), else None.
+        """The next ``n`` rows of every dataset when they all lie in the loaded file (the rows
+        after it depend on draws made when the next file is entered), else None: gathered
+        copies when shuffling, else views of the loaded arrays (never written, only replaced).
         Moves nothing; safe on another thread while the source is left alone."""
         if self.row + n > len(self.order):
             return None

@@ -15,7 +15,7 @@ import pytest
 import threadpoolctl
 from layer_helpers import blob_of, make_layer
 
-from engine import kernels, parallel
+from engine import depthwise_kernels, kernels, parallel
 from engine.layers import normalization
 from engine.layers import pooling as pooling_module
 
@@ -117,6 +117,8 @@ LAYERS = [
     'weight_filler { type: "gaussian" } bias_filler { type: "gaussian" } }',
     'type: "Convolution" convolution_param { num_output: 4 kernel_size: 2 stride: 2 '
     'weight_filler { type: "gaussian" } bias_filler { type: "gaussian" } }',
+    'type: "Convolution" convolution_param { num_output: 4 kernel_size: 3 pad: 1 group: 4 '
+    'weight_filler { type: "gaussian" } bias_filler { type: "gaussian" } }',  # depthwise
     'type: "Pooling" pooling_param { pool: MAX kernel_size: 3 stride: 2 }',
     'type: "Pooling" pooling_param { pool: MAX kernel_size: 2 stride: 2 pad: 1 }',
     'type: "ReLU"',
@@ -130,6 +132,7 @@ def test_results_do_not_depend_on_the_thread_count(threads, monkeypatch, text):
     monkeypatch.setattr(kernels, "CONV_BLOCK_BYTES", 20000)  # convolution over batch blocks
     monkeypatch.setattr(kernels, "DW_BLOCK_INNER", 250)  # weight gradient from blocks of 2-3
     monkeypatch.setattr(normalization, "LRN_BLOCK_WORK", 600)
+    monkeypatch.setattr(depthwise_kernels, "BLOCK_WORK", 250)  # planes in blocks of 2
     # integers in the input make ties, so the max pool's first-maximum rule is exercised too
     rng = np.random.default_rng(0)
     x = rng.integers(-3, 4, (7, 4, 11, 10)) + rng.standard_normal((7, 4, 11, 10)) * (rng.random(

@@ -477,7 +477,6 @@ class Solver:
         (False: not sure; ``divergence.finite``'s first test, on each chunk while cached)."""
         p = self.param
         decays = [p.weight_decay * mult for mult in self.net.params_weight_decay]
-        l2 = p.regularization_type == "L2"
         scale = 1.0 / p.iter_size if p.iter_size > 1 else None
         if self._scratch is None or self._scratch.shape != (UPDATE_CHUNK,) or \
                 self._scratch.dtype != self.dtype:
@@ -488,9 +487,7 @@ class Solver:
                 if scale is not None:
                     diff *= scale
                 if decays[i]:
-                    term = self._scratch[:data.size]
-                    np.multiply(data if l2 else np.sign(data, out=term), decays[i], out=term)
-                    diff += term
+                    self._add_decay(diff, data, decays[i], self._scratch[:data.size])
                 step = self.update_elements(diff, state, local_rates[i])
                 if step is not diff:
                     np.copyto(diff, step)  # Caffe leaves the applied step in the diff
@@ -514,12 +511,16 @@ class Solver:
 
     def _regularize(self, i: int, blob) -> None:
         local_decay = self.param.weight_decay * self.net.params_weight_decay[i]
-        if not local_decay:
-            return
-        if self.param.regularization_type == "L2":
-            blob.diff += local_decay * blob.data
-        else:  # "L1" (checked at construction)
-            blob.diff += local_decay * np.sign(blob.data)
+        if local_decay:
+            self._add_decay(blob.diff, blob.data, local_decay)
+
+    def _add_decay(self, diff: np.ndarray, data: np.ndarray, local_decay: float,
+                   out: np.ndarray | None = None) -> None:
+        """Caffe's Regularize on these elements: ``diff += local_decay * w`` (L2) or
+        ``local_decay * sign(w)`` (L1, the other type construction allows); the term is made in
+        ``out`` when given."""
+        term = data if self.param.regularization_type == "L2" else np.sign(data, out=out)
+        diff += np.multiply(term, local_decay, out=out)
 
     # -- testing -------------------------------------------------------------------------------
     def test_all(self) -> None:

@@ -341,7 +341,9 @@ def format_report(report: NetReport) -> str:
         lines.append("overfit one batch: skipped (the net has no loss; check the train net)")
     elif report.losses:
         first, last = report.losses[0], report.losses[-1]
-        verdict = "ok" if report.overfit_ok else "FAIL (the loss did not fall near zero)"
+        verdict = "ok" if report.overfit_ok else (
+            f"FAIL (the loss did not fall below {report.overfit_ratio:.0%} of its first value; "
+            "if it was still falling, try more --overfit-iterations or a larger --lr)")
         lines.append(f"overfit one batch: loss {first:.4g} -> {last:.4g} in "
                      f"{len(report.losses)} iterations: {verdict}")
     lines += report.notes

@@ -155,3 +155,13 @@ layer { name: "loss" type: "EuclideanLoss" bottom: "n" bottom: "target" top: "lo
 """)
     norm = check_net(path).layer("norm")
     assert norm.failure is None and norm.kinks > 0  # test_a_wrong_backward_is_flagged: still fails
+
+
+def test_a_slow_overfit_fails_and_says_what_to_try(tmp_path):
+    path = tmp_path / "deploy.prototxt"
+    path.write_text(BROKEN.replace("CheckTestWrongBackward", "ReLU"))
+    report = check_net(path, overfit=lambda param, feed: [1.0, 0.5, 0.1])
+    assert not report.ok
+    assert ("loss 1 -> 0.1 in 3 iterations: FAIL (the loss did not fall below 5% of its first "
+            "value; if it was still falling, try more --overfit-iterations or a larger --lr)"
+            in str(report))

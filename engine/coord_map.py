@@ -11,11 +11,12 @@ axis), a coordinate ``x`` of a layer's bottom lands at ``a * x + b`` in its top.
 are numpy arrays with one value per spatial axis (or one for all). For a layer with kernel
 ``k`` (dilated: ``(k - 1) * d + 1``), stride ``s`` and pad ``p``:
 
-- Convolution, Pooling, Im2col: ``a = 1 / s``, ``b = (p - (k - 1) / 2) / s``
-  (a top pixel sits at the centre of its window);
+- Convolution (and the depthwise forks' types), Pooling, Im2col: ``a = 1 / s``,
+  ``b = (p - (k - 1) / 2) / s`` (a top pixel sits at the centre of its window);
 - Deconvolution: the inverse, ``a = s``, ``b = (k - 1) / 2 - p``;
 - Crop by ``offset``: ``a = 1``, ``b = -offset`` (on the crop's axes);
-- pointwise layers (ReLU, BatchNorm, Eltwise...): the identity ``(None, 1, 0)``.
+- pointwise layers (ReLU, BatchNorm, Eltwise..., the forks' BN, ReLU6...): the identity
+  ``(None, 1, 0)``.
 
 Maps compose along a path (:func:`compose`) and invert (:func:`inverse`);
 :func:`coord_map_from_to` walks the graph back from two tops to a common blob.
@@ -49,9 +50,15 @@ __all__ = [
 
 CoordMap = tuple[Any, Any, Any]  # (axis or None, scale a, shift b)
 
+# pycaffe's list, then the forks' pointwise types this engine runs (BN: SegNet/PSPNet, ReLU6 and
+# ShuffleChannel: MobileNet/ShuffleNet, Normalize: SSD)
 PASS_THROUGH_LAYERS = ["AbsVal", "BatchNorm", "Bias", "BNLL", "Clip", "Dropout", "Eltwise", "ELU",
                        "Exp", "Log", "LRN", "MVN", "Power", "PReLU", "ReLU", "Scale", "Sigmoid",
-                       "Split", "Swish", "TanH", "Threshold"]
+                       "Split", "Swish", "TanH", "Threshold",
+                       "BN", "Normalize", "ReLU6", "ShuffleChannel"]
+# Convolution's window geometry (conv_params): Caffe's types and the MobileNet forks' depthwise ones
+WINDOW_LAYERS = ("Convolution", "Pooling", "Im2col", "DepthwiseConvolution",
+                 "ConvolutionDepthwise")
 IDENTITY: CoordMap = (None, 1, 0)
 
 
@@ -109,7 +116,7 @@ def crop_params(fn: Function) -> tuple[int, np.ndarray]:
 
 def coord_map(fn: Function) -> CoordMap:
     """The map from a layer's (first) bottom to its tops; see the module docstring."""
-    if fn.type_name in ("Convolution", "Pooling", "Im2col"):
+    if fn.type_name in WINDOW_LAYERS:
         axis, stride, kernel, pad = conv_params(fn)
         return axis, 1 / stride, (pad - (kernel - 1) / 2) / stride
     if fn.type_name == "Deconvolution":

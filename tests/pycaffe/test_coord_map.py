@@ -170,3 +170,19 @@ def test_crop_refuses_what_cannot_align():
         crop(n.deconv, n.data)
     with pytest.raises(caffe.MokaError):
         crop(n.deconv, n.data)
+
+
+def test_the_forks_depthwise_and_pointwise_layers_map():
+    """A MobileNet/SegNet-style FCN written with the forks' types crops as the plain one."""
+    n = fcn()
+    expected = coord_map_from_to(n.deconv, n.data)
+    m = caffe.NetSpec()
+    m.data = L.Input(shape=dict(dim=[2, 1, 100, 100]))
+    m.conv = L.ConvolutionDepthwise(m.data, num_output=1, kernel_size=3)
+    m.bn = L.BN(m.conv)
+    m.relu = L.ReLU6(m.bn)
+    m.shuffle = L.ShuffleChannel(m.relu, shuffle_channel_param=dict(group=1))
+    m.pool = L.Pooling(m.shuffle, pool=P.Pooling.MAX, kernel_size=2, stride=2)
+    m.dw = L.DepthwiseConvolution(m.pool, num_output=1, kernel_size=1)
+    m.deconv = L.Deconvolution(m.dw, num_output=3, kernel_size=4, stride=2)
+    assert coord_map_from_to(m.deconv, m.data) == expected

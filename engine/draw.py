@@ -37,6 +37,7 @@ __all__ = [
     "LAYER_STYLE_DEFAULT",
     "NEURON_LAYER_STYLE",
     "DrawError",
+    "RuleError",
     "choose_color_by_layertype",
     "draw_net",
     "draw_net_to_file",
@@ -60,6 +61,10 @@ INSTALL_HINT = ('install the draw extra (pip install "moka[draw]") and Graphviz 
 
 class DrawError(MokaError):
     """pydot or Graphviz is missing, or Graphviz could not render the picture."""
+
+
+class RuleError(MokaError, ValueError):
+    """A layer with both include and exclude rules (a ValueError, as pycaffe raises)."""
 
 
 def _pydot() -> Any:
@@ -152,7 +157,8 @@ def _in_phase(layer: Any, phase: int | None) -> bool:
     if phase is None:
         return True
     if len(layer.include) and len(layer.exclude):
-        raise ValueError(f"layer {layer.name} has both include and exclude specified.")
+        raise RuleError(f"layer {layer.name} has both include and exclude specified. Keep one "
+                        "kind of rule (Caffe does not build such a net either)")
 
     def matches(rule: Any) -> bool:
         return not rule.HasField("phase") or rule.phase == phase

@@ -167,3 +167,16 @@ def test_engine_draw_as_draw_net_py(tmp_path, capsys):
     text = raw.read_text()
     assert "accuracy" in text and "Batch 120" in text and "Batch 64" not in text
     assert main(["draw", str(LENET), str(raw), "--phase", "VAL"]) == 2
+
+
+@needs_pydot
+def test_engine_draw_says_which_layer_has_both_kinds_of_rule(tmp_path, capsys):
+    both = lenet()
+    both.layer[2].exclude.add(phase=caffe.TEST)
+    both.layer[2].include.add(phase=caffe.TRAIN)
+    path = tmp_path / "both.prototxt"
+    path.write_text(text_format.MessageToString(both))
+    assert main(["draw", str(path), str(tmp_path / "net.raw"), "--phase", "TEST"]) == 1
+    err = capsys.readouterr().err
+    assert "layer conv1 has both include and exclude specified. Keep one kind" in err
+    assert "internal error" not in err

@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 RANK_VARIABLES = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK")
 INSTALL_HINT = 'pip install "moka[mpi]" (mpi4py and MPICH)'
+ABORT_GRACE_S = 0.3  # a failing rank waits this long after its message before aborting
 
 
 class DistributedError(MokaError):
@@ -215,6 +216,10 @@ class DataParallel:
         """Print ``message`` naming this rank and abort every rank of the job (no hang)."""
         print(f"engine: error: rank {self.rank} of {self.size}: {message}", file=sys.stderr,
               flush=True)
+        # The launcher relays a rank's stderr through a pipe; an abort that reaches it first
+        # kills the job with the message still unread (seen now and then in full test runs: an
+        # empty stderr). A moment's wait lets the message out; it costs only a failing job.
+        time.sleep(ABORT_GRACE_S)
         self.comm.Abort(1)
 
 
